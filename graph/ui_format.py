@@ -1,0 +1,490 @@
+"""UI (litegraph) workflow -> API prompt, the way the ComfyUI frontend's `graphToPrompt` does it.
+
+A UI file (schema 0.4 or 1) stores nodes with positional `widgets_values` and numbered links; the
+API format (`workflows.md` section 1) is `{id: {"class_type", "inputs", "_meta"}}` with links as
+`[source_id, slot]`. The conversion needs the node definitions of `/object_info` to know which
+inputs are widgets and in which order they were created (`input_order`), and which widgets carry a
+hidden companion value (the `control_after_generate` mode after a seed, the upload button after
+an image combo) that is stored in `widgets_values` but never sent.
+
+Rules (workflows.md section 3):
+- PrimitiveNode pushes its value into the widget of every input it feeds; it is never sent.
+- Reroute is followed to its own source; Note and MarkdownNote are dropped; groups are drawing only.
+- mode 2 (muted): not sent, consumers lose that input; mode 4 (bypassed): not sent, consumers are
+  rewired to one of its inputs chosen by type.
+- subgraph instances are replaced by their definition's nodes, ids joined with ":" ("60:11").
+Anything that cannot be converted raises `UIWorkflowError` naming the node and the problem.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+VIRTUAL_TYPES = frozenset({"PrimitiveNode", "Reroute"})
+IGNORED_TYPES = frozenset({"Note", "MarkdownNote"})
+WIDGET_TYPES = frozenset({"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"})
+CONTROL_MODES = frozenset({"fixed", "increment", "decrement", "randomize"})
+UPLOAD_OPTIONS = ("image_upload", "video_upload", "audio_upload", "animated_image_upload")
+MODE_MUTED, MODE_BYPASS = 2, 4
+SUBGRAPH_INPUT_NODE, SUBGRAPH_OUTPUT_NODE = -10, -20
+
+
+class UIWorkflowError(ValueError):
+    """A UI-format workflow that cannot be converted; the message names the node and the problem."""
+
+    def __init__(self, message: str, node_id: str | None = None) -> None:
+        super().__init__(message)
+        self.node_id = node_id
+
+
+def is_ui_workflow(data: object) -> bool:
+    """True for a litegraph (UI) workflow object: it has a `nodes` list (API prompts never do)."""
+    return isinstance(data, dict) and isinstance(data.get("nodes"), list) and "links" in data
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsed graph structures
+
+
+@dataclass(frozen=True)
+class Link:
+    id: int
+    origin_id: int
+    origin_slot: int
+    target_id: int
+    target_slot: int
+    type: str
+
+
+@dataclass
+class Graph:
+    """One litegraph graph: the root workflow or a subgraph definition."""
+
+    nodes: dict[int, dict[str, Any]]
+    links: dict[int, Link]
+    inputs: list[dict[str, Any]] = field(default_factory=list)    # subgraph definition inputs
+    outputs: list[dict[str, Any]] = field(default_factory=list)   # subgraph definition outputs
+    name: str = "workflow"
+
+
+@dataclass(frozen=True)
+class Frame:
+    """Where a graph sits: the chain of instance ids above it, and the instance in the parent."""
+
+    graph: Graph
+    path: tuple[str, ...]
+    parent: Frame | None = None
+    instance: dict[str, Any] | None = None     # the subgraph-instance node in the parent graph
+
+    def record_id(self, node_id: int | str) -> str:
+        return ":".join((*self.path, str(node_id)))
+
+
+def _parse_link(raw: object, where: str) -> Link:
+    try:
+        if isinstance(raw, dict):
+            return Link(int(raw["id"]), int(raw["origin_id"]), int(raw["origin_slot"]),
+                        int(raw["target_id"]), int(raw["target_slot"]), str(raw.get("type", "*")))
+        if isinstance(raw, (list, tuple)) and len(raw) >= 5:
+            typ = raw[5] if len(raw) > 5 else "*"
+            return Link(int(raw[0]), int(raw[1]), int(raw[2]), int(raw[3]), int(raw[4]),
+                        typ if isinstance(typ, str) else "*")
+    except (KeyError, TypeError, ValueError):
+        pass
+    raise UIWorkflowError(f"{where}: malformed link {raw!r} (expected [id, origin_id, origin_slot, "
+                          "target_id, target_slot, type] or an object with those keys)")
+
+
+def _parse_graph(data: Mapping[str, Any], name: str) -> Graph:
+    nodes: dict[int, dict[str, Any]] = {}
+    for raw in data.get("nodes") or []:
+        if not isinstance(raw, dict) or "id" not in raw or "type" not in raw:
+            raise UIWorkflowError(f"{name}: node entry {str(raw)[:80]!r} has no 'id' or 'type'")
+        try:
+            nid = int(raw["id"])
+        except (TypeError, ValueError):
+            raise UIWorkflowError(f"{name}: node id {raw['id']!r} is not an integer") from None
+        if nid in nodes:
+            raise UIWorkflowError(f"{name}: node id {nid} appears twice", str(nid))
+        nodes[nid] = raw
+    links = {}
+    for raw in data.get("links") or []:
+        if raw is None:
+            continue
+        link = _parse_link(raw, name)
+        links[link.id] = link
+    return Graph(nodes, links, list(data.get("inputs") or []), list(data.get("outputs") or []),
+                 str(data.get("name") or name))
+
+
+def _collect_subgraphs(data: Mapping[str, Any], into: dict[str, Graph]) -> None:
+    defs = data.get("definitions") or {}
+    for sub in defs.get("subgraphs") or []:
+        if not isinstance(sub, dict) or "id" not in sub:
+            raise UIWorkflowError("definitions.subgraphs holds an entry without an 'id'")
+        into[str(sub["id"])] = _parse_graph(sub, f"subgraph {sub.get('name') or sub['id']!r}")
+        _collect_subgraphs(sub, into)
+
+
+# ---------------------------------------------------------------------------------------------
+# Widgets: which inputs make a widget, and how many hidden companion values follow each
+
+
+@dataclass(frozen=True)
+class WidgetSlot:
+    name: str
+    spec: tuple[Any, ...]
+    control: int         # companion values after it: 0, 1 (mode) or 2 (mode + filter list)
+    upload: bool         # an upload button value follows (LoadImage)
+
+
+def _spec_parts(spec: object) -> tuple[object, dict[str, Any]]:
+    if isinstance(spec, (list, tuple)) and spec:
+        opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+        return spec[0], opts
+    return spec, {}
+
+
+def widget_slots(definition: Mapping[str, Any]) -> list[WidgetSlot]:
+    """The widgets a node of this definition creates, in creation order (required, optional)."""
+    slots: list[WidgetSlot] = []
+    inputs = definition.get("input") or {}
+    order = definition.get("input_order") or {}
+    for section in ("required", "optional"):
+        specs = inputs.get(section) or {}
+        for name in order.get(section) or list(specs):
+            if name not in specs:
+                continue
+            typ, opts = _spec_parts(specs[name])
+            is_combo = isinstance(typ, (list, tuple)) or typ == "COMBO"
+            if not (is_combo or typ in WIDGET_TYPES) or opts.get("forceInput"):
+                continue
+            cag = opts.get("control_after_generate")
+            control = 0
+            if typ == "INT" and name in ("seed", "noise_seed") and cag is not False:
+                control = 1
+            elif cag and typ in ("INT", "FLOAT"):
+                control = 1
+            elif cag and is_combo:
+                control = 2
+            upload = is_combo and any(opts.get(k) for k in UPLOAD_OPTIONS)
+            slots.append(WidgetSlot(name, tuple(specs[name]) if isinstance(specs[name], (list, tuple))
+                                    else (specs[name],), control, upload))
+    return slots
+
+
+def _default_of(slot: WidgetSlot) -> tuple[bool, Any]:
+    typ, opts = _spec_parts(list(slot.spec))
+    if "default" in opts:
+        return True, opts["default"]
+    if isinstance(typ, (list, tuple)) and typ:
+        return True, typ[0]
+    return False, None
+
+
+def map_widget_values(node: Mapping[str, Any], definition: Mapping[str, Any]) -> dict[str, Any]:
+    """Widget name -> value for one UI node, skipping companion values (seed mode, upload button)."""
+    slots = widget_slots(definition)
+    named = node.get("widgets_values_named")
+    values = node.get("widgets_values")
+    out: dict[str, Any] = {}
+    if isinstance(values, dict) or isinstance(named, dict):
+        source = named if isinstance(named, dict) else values
+        for slot in slots:
+            if slot.name in source:
+                out[slot.name] = source[slot.name]
+    elif isinstance(values, list):
+        pos = 0
+        for i, slot in enumerate(slots):
+            if pos >= len(values):
+                break
+            out[slot.name] = values[pos]
+            pos += 1
+            remaining_widgets = len(slots) - i - 1
+            # Companions are consumed only when present: a value-control mode must look like one
+            # (old files hold true/false), and any companion only if enough values are left over
+            # for the widgets still to come.
+            for k in range(slot.control):
+                if pos >= len(values) or len(values) - pos <= remaining_widgets:
+                    break
+                v = values[pos]
+                if k == 0 and not (v in CONTROL_MODES or isinstance(v, bool)):
+                    break
+                pos += 1
+            if slot.upload and pos < len(values) and len(values) - pos > remaining_widgets:
+                pos += 1
+    for slot in slots:
+        if slot.name not in out:
+            has, default = _default_of(slot)
+            if has:
+                out[slot.name] = default
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Link resolution through virtual, muted, bypassed and subgraph nodes
+
+
+def types_compatible(a: object, b: object) -> bool:
+    """Equal ignoring case, either side `*`/empty, or sharing a member of a comma-separated list."""
+    sa = a if isinstance(a, str) else ""
+    sb = b if isinstance(b, str) else ""
+    if sa in ("", "*") or sb in ("", "*"):
+        return True
+    if sa.lower() == sb.lower():
+        return True
+    left = {t.strip().lower() for t in sa.split(",")}
+    right = {t.strip().lower() for t in sb.split(",")}
+    return bool(left & right)
+
+
+def _node_label(frame: Frame, node: Mapping[str, Any]) -> str:
+    return f"node {frame.record_id(node['id'])} ({node.get('type')})"
+
+
+def _bypass_input(node: Mapping[str, Any], out_slot: int, target_type: object) -> int | None:
+    """Which input of a bypassed node stands in for its output `out_slot` (workflows.md 3.4b)."""
+    inputs = node.get("inputs") or []
+    if not inputs:
+        return None
+    outputs = node.get("outputs") or []
+    out_type = outputs[out_slot].get("type") if out_slot < len(outputs) else "*"
+    if not isinstance(target_type, str) or target_type in ("", "*"):
+        return out_slot if out_slot < len(inputs) else 0
+    if out_slot < len(inputs):
+        t = inputs[out_slot].get("type")
+        if types_compatible(t, out_type) and types_compatible(t, target_type):
+            return out_slot
+    for i, inp in enumerate(inputs):
+        if inp.get("type") == target_type:
+            return i
+    for i, inp in enumerate(inputs):
+        t = inp.get("type")
+        if types_compatible(t, out_type) and types_compatible(t, target_type):
+            return i
+    return None
+
+
+class _Converter:
+    def __init__(self, workflow: Mapping[str, Any], definitions: Mapping[str, Mapping[str, Any]]):
+        self.definitions = definitions
+        self.root = _parse_graph(workflow, "workflow")
+        self.subgraphs: dict[str, Graph] = {}
+        _collect_subgraphs(workflow, self.subgraphs)
+        # record id -> {input name: literal} pushed in by PrimitiveNodes and promoted widgets
+        self.overrides: dict[str, dict[str, Any]] = {}
+
+    # -- resolution --------------------------------------------------------------------------
+
+    def link(self, frame: Frame, link_id: object, node: Mapping[str, Any], what: str) -> Link:
+        try:
+            link = frame.graph.links[int(link_id)]  # type: ignore[arg-type]
+        except (KeyError, TypeError, ValueError):
+            raise UIWorkflowError(f"{_node_label(frame, node)} {what}: link {link_id} does not exist "
+                                  f"in the {frame.graph.name} (dangling link)",
+                                  frame.record_id(node["id"])) from None
+        return link
+
+    def resolve_link(self, frame: Frame, link: Link, target_type: object,
+                     seen: frozenset[tuple[str, int]] = frozenset()) -> object:
+        """Follow a link to the emitted source: `[record_id, slot]`, a `Literal`, or None."""
+        key = (":".join(frame.path), link.id)
+        if key in seen:
+            raise UIWorkflowError(f"link {link.id} in the {frame.graph.name} loops back on itself "
+                                  "through reroute or bypassed nodes")
+        seen = seen | {key}
+        if link.origin_id == SUBGRAPH_INPUT_NODE:
+            return self.resolve_subgraph_input(frame, link.origin_slot, target_type, seen)
+        source = frame.graph.nodes.get(link.origin_id)
+        if source is None:
+            target = frame.graph.nodes.get(link.target_id, {"id": link.target_id, "type": "?"})
+            raise UIWorkflowError(f"{_node_label(frame, target)}: link {link.id} comes from node "
+                                  f"{link.origin_id}, which is not in the {frame.graph.name} "
+                                  "(dangling link)", frame.record_id(link.target_id))
+        return self.resolve_output(frame, source, link.origin_slot, target_type, seen)
+
+    def resolve_output(self, frame: Frame, node: Mapping[str, Any], slot: int, target_type: object,
+                       seen: frozenset[tuple[str, int]]) -> object:
+        mode = node.get("mode", 0)
+        ntype = node.get("type")
+        if mode == MODE_MUTED or ntype in IGNORED_TYPES or ntype == "PrimitiveNode":
+            return None     # a Primitive's value was already pushed into the target widget
+        if mode == MODE_BYPASS:
+            idx = _bypass_input(node, slot, target_type)
+            if idx is None:
+                return None
+            return self.resolve_input(frame, node, idx, target_type, seen)
+        if ntype == "Reroute":
+            return self.resolve_input(frame, node, 0, target_type, seen)
+        sub = self.subgraphs.get(str(ntype))
+        if sub is not None:
+            inner = Frame(sub, (*frame.path, str(node["id"])), frame, dict(node))
+            for link in sub.links.values():
+                if link.target_id == SUBGRAPH_OUTPUT_NODE and link.target_slot == slot:
+                    return self.resolve_link(inner, link, target_type, seen)
+            return None
+        return [frame.record_id(node["id"]), int(slot)]
+
+    def resolve_input(self, frame: Frame, node: Mapping[str, Any], index: int, target_type: object,
+                      seen: frozenset[tuple[str, int]]) -> object:
+        inputs = node.get("inputs") or []
+        if index >= len(inputs) or inputs[index].get("link") is None:
+            return None
+        link = self.link(frame, inputs[index]["link"], node, f"input {inputs[index].get('name')!r}")
+        return self.resolve_link(frame, link, target_type, seen)
+
+    def resolve_subgraph_input(self, frame: Frame, slot: int, target_type: object,
+                               seen: frozenset[tuple[str, int]]) -> object:
+        instance, parent = frame.instance, frame.parent
+        if instance is None or parent is None:
+            raise UIWorkflowError(f"a link in the {frame.graph.name} starts at a subgraph input node "
+                                  "outside of any subgraph")
+        name = frame.graph.inputs[slot].get("name") if slot < len(frame.graph.inputs) else None
+        inst_inputs = instance.get("inputs") or []
+        index = next((i for i, inp in enumerate(inst_inputs) if name is not None
+                      and inp.get("name") == name), slot if slot < len(inst_inputs) else None)
+        if index is None:
+            return None
+        inp = inst_inputs[index]
+        if inp.get("link") is not None:
+            link = self.link(parent, inp["link"], instance, f"input {inp.get('name')!r}")
+            return self.resolve_link(parent, link, target_type, seen)
+        if isinstance(inp.get("widget"), dict):
+            found, value = self.instance_widget_value(instance, inp["widget"].get("name"))
+            if found:
+                return Literal(value)
+        return None
+
+    @staticmethod
+    def instance_widget_value(instance: Mapping[str, Any], name: object) -> tuple[bool, Any]:
+        """A promoted widget's value on a subgraph instance (by name, else by widget position)."""
+        for source in (instance.get("widgets_values_named"), instance.get("widgets_values")):
+            if isinstance(source, dict) and name in source:
+                return True, source[name]
+        values = instance.get("widgets_values")
+        if isinstance(values, list):
+            names = [i["widget"].get("name") for i in instance.get("inputs") or []
+                     if isinstance(i.get("widget"), dict)]
+            if name in names and names.index(name) < len(values):
+                return True, values[names.index(name)]
+        return False, None
+
+    # -- emission ----------------------------------------------------------------------------
+
+    def apply_primitives(self, frame: Frame) -> None:
+        """PrimitiveNode.applyToGraph: copy its value into each widget it feeds (through reroutes)."""
+        for node in frame.graph.nodes.values():
+            if node.get("type") != "PrimitiveNode" or node.get("mode", 0) == MODE_MUTED:
+                continue
+            values = node.get("widgets_values")
+            if isinstance(values, dict):
+                values = list(values.values())
+            if not values:
+                continue
+            for link_id in self.output_links(node):
+                self.push_value(frame, link_id, values[0], set())
+        for node in frame.graph.nodes.values():
+            sub = self.subgraphs.get(str(node.get("type")))
+            if sub is not None and node.get("mode", 0) not in (MODE_MUTED, MODE_BYPASS):
+                self.apply_primitives(Frame(sub, (*frame.path, str(node["id"])), frame, dict(node)))
+
+    @staticmethod
+    def output_links(node: Mapping[str, Any]) -> list[Any]:
+        return [lid for out in node.get("outputs") or [] for lid in (out.get("links") or [])]
+
+    def push_value(self, frame: Frame, link_id: Any, value: Any, seen: set[Any]) -> None:
+        if link_id in seen:
+            return
+        seen.add(link_id)
+        link = frame.graph.links.get(int(link_id))
+        target = frame.graph.nodes.get(link.target_id) if link else None
+        if link is None or target is None:
+            return
+        if target.get("type") == "Reroute":
+            for lid in self.output_links(target):
+                self.push_value(frame, lid, value, seen)
+            return
+        inputs = target.get("inputs") or []
+        if link.target_slot < len(inputs):
+            inp = inputs[link.target_slot]
+            name = inp["widget"].get("name") if isinstance(inp.get("widget"), dict) else inp.get("name")
+            self.overrides.setdefault(frame.record_id(target["id"]), {})[name] = value
+
+    def emit_graph(self, frame: Frame, prompt: dict[str, Any]) -> None:
+        for nid, node in frame.graph.nodes.items():
+            ntype = str(node.get("type"))
+            mode = node.get("mode", 0)
+            if mode in (MODE_MUTED, MODE_BYPASS) or ntype in VIRTUAL_TYPES or ntype in IGNORED_TYPES:
+                continue
+            sub = self.subgraphs.get(ntype)
+            if sub is not None:
+                self.emit_graph(Frame(sub, (*frame.path, str(nid)), frame, dict(node)), prompt)
+                continue
+            prompt[frame.record_id(nid)] = self.emit_node(frame, node)
+
+    def emit_node(self, frame: Frame, node: Mapping[str, Any]) -> dict[str, Any]:
+        ntype = str(node["type"])
+        rid = frame.record_id(node["id"])
+        definition = self.definitions.get(ntype)
+        if definition is None:
+            if ">" in ntype or ntype.startswith("workflow/"):
+                raise UIWorkflowError(f"{_node_label(frame, node)} is a legacy group node; open and "
+                                      "save the workflow in a current ComfyUI frontend first", rid)
+            raise UIWorkflowError(f"{_node_label(frame, node)}: unknown node type {ntype!r} (not a "
+                                  "built-in node, a loaded plugin node or a subgraph definition)", rid)
+        inputs: dict[str, Any] = {}
+        for name, value in map_widget_values(node, definition).items():
+            inputs[name] = {"__value__": value} if isinstance(value, list) else value
+        for name, value in self.overrides.get(rid, {}).items():
+            inputs[name] = {"__value__": value} if isinstance(value, list) else value
+        for index, inp in enumerate(node.get("inputs") or []):
+            if inp.get("link") is None:
+                continue
+            name = inp["widget"].get("name") if isinstance(inp.get("widget"), dict) else inp.get("name")
+            link = self.link(frame, inp["link"], node, f"input {name!r}")
+            source = self.resolve_link(frame, link, inp.get("type", "*"))
+            if isinstance(source, Literal):
+                inputs[name] = {"__value__": source.value} if isinstance(source.value, list) \
+                    else source.value
+            elif source is not None:
+                inputs[name] = source
+            elif inp.get("widget") is None:
+                inputs.pop(name, None)
+        title = node.get("title") or definition.get("display_name") or ntype
+        meta: dict[str, Any] = {"title": title}
+        props = node.get("properties") or {}
+        for key in ("cnr_id", "aux_id", "ver"):
+            if isinstance(props.get(key), str) and props[key]:
+                meta[key] = props[key]
+        return {"class_type": ntype, "inputs": inputs, "_meta": meta}
+
+
+@dataclass(frozen=True)
+class Literal:
+    """A constant reached through a subgraph input that is promoted as a widget."""
+
+    value: Any
+
+
+def ui_to_api(workflow: Mapping[str, Any], definitions: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """Convert a UI-format workflow to an API prompt using `/object_info` definitions."""
+    if not is_ui_workflow(workflow):
+        raise UIWorkflowError("not a UI-format workflow: expected an object with 'nodes' and 'links'")
+    if isinstance(workflow.get("extra"), dict) and workflow["extra"].get("groupNodes"):
+        names = ", ".join(sorted(workflow["extra"]["groupNodes"]))
+        raise UIWorkflowError(f"legacy group nodes ({names}) are not supported; convert them to "
+                              "subgraphs in a current ComfyUI frontend first")
+    conv = _Converter(workflow, definitions)
+    root = Frame(conv.root, ())
+    conv.apply_primitives(root)
+    prompt: dict[str, Any] = {}
+    conv.emit_graph(root, prompt)
+    # A link whose source was not emitted (e.g. an unknown virtual node) is dropped.
+    for entry in prompt.values():
+        for name, value in list(entry["inputs"].items()):
+            if isinstance(value, list) and len(value) == 2 and isinstance(value[0], str) \
+                    and value[0] not in prompt:
+                del entry["inputs"][name]
+    return prompt
+
