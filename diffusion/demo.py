@@ -118,3 +118,150 @@ def tiny_components(family: str = "sd1", seed: int = 0, inpaint: bool = False,
     if fam.name == "sdxl" and prediction == "v":
         extra["v_pred"] = torch.tensor([])
     return TinyComponents(unet=unet, vae=vae, text_encoders=encoders, family=fam, extra=extra)
+
+
+# --- writers of ldm-layout single-file checkpoints ---------------------------------------------
+
+TEXT_PREFIXES: dict[str, dict[str, str]] = {
+    "sd1": {"l": "cond_stage_model.transformer."},
+    "sd2": {"h": "cond_stage_model.model."},
+    "sdxl": {"l": "conditioner.embedders.0.transformer.", "g": "conditioner.embedders.1.model."},
+}
+
+
+def ldm_state_dict(components: TinyComponents) -> dict[str, torch.Tensor]:
+    """All components in the original single-file layout (UNet, VAE, text encoders, markers)."""
+    from diffusion.convert_clip import clip_l_to_ldm, openclip_to_ldm
+    from diffusion.convert_unet import unet_to_ldm
+    from diffusion.convert_vae import vae_to_ldm
+
+    sd = {**unet_to_ldm(components.unet), **vae_to_ldm(components.vae)}
+    for key, model in components.text_encoders.items():
+        prefix = TEXT_PREFIXES[components.family.name][key]
+        sd.update(clip_l_to_ldm(model, prefix) if key == "l" else openclip_to_ldm(model, prefix))
+    sd.update(components.extra)
+    return sd
+
+
+def write_ldm_checkpoint(components: TinyComponents, path: str | os.PathLike[str],
+                         dtype: torch.dtype | None = None, metadata: dict[str, str] | None = None) -> Path:
+    """Write `components` as one ldm-layout file: `.safetensors`, or `.ckpt`/`.pt` (torch.save of a
+    {"state_dict": ...} dict like the original training code). Written to a temporary name, then renamed."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().contiguous().clone()
+          for k, v in ldm_state_dict(components).items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    if path.suffix.lower() in (".safetensors", ".sft"):
+        save_file(sd, str(tmp), metadata={"format": "pt", **(metadata or {})})
+    else:
+        torch.save({"state_dict": sd, "global_step": 0}, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+DEMO_NAMES = {"sd1": "easel-demo-sd1.safetensors", "sdxl": "easel-demo-sdxl.safetensors"}
+
+
+def ensure_demo_checkpoint(folder: str | os.PathLike[str], family: str = "sd1", seed: int = 0) -> Path:
+    """The tiny demo checkpoint in `folder` (e.g. models/checkpoints), written when missing.
+
+    Its VAE has 4 levels (channels 32) so images are 8x the latent size, as with real models."""
+    if family not in DEMO_NAMES:
+        raise ValueError(f"no demo checkpoint for family {family!r}; expected one of {sorted(DEMO_NAMES)}")
+    path = Path(folder) / DEMO_NAMES[family]
+    if not path.is_file():
+        comps = tiny_components(family, seed=seed, vae_levels=4)
+        write_ldm_checkpoint(comps, path, metadata={"easel_demo": f"tiny random {family}, seed {seed}"})
+    return path
+
+
+# --- full-size SD1.5-architecture random checkpoint (benchmarks) --------------------------------
+
+SD15_UNET_CONFIG = dict(sample_size=64, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280),
+                        layers_per_block=2, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=768,
+                        attention_head_dim=8)
+SD15_VAE_CONFIG = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+                       layers_per_block=2, down_block_types=("DownEncoderBlock2D",) * 4,
+                       up_block_types=("UpDecoderBlock2D",) * 4, sample_size=512, scaling_factor=0.18215)
+SDXL_UNET_CONFIG = dict(sample_size=128, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280),
+                        layers_per_block=2, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                        cross_attention_dim=2048, attention_head_dim=(5, 10, 20), use_linear_projection=True,
+                        transformer_layers_per_block=(1, 2, 10), addition_embed_type="text_time",
+                        addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
+
+
+def _random_like(shapes: dict[str, torch.Size], gen: torch.Generator, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Init-like random tensors: 1-D norm weights near 1, biases near 0, matrices ~ N(0, 1/fan_in)."""
+    out = {}
+    for name, shape in shapes.items():
+        if len(shape) == 1:
+            base = 1.0 if ("norm" in name and name.endswith("weight")) else 0.0
+            t = base + 0.02 * torch.randn(shape, generator=gen)
+        else:
+            fan_in = max(1, int(torch.Size(shape[1:]).numel()))
+            t = torch.randn(shape, generator=gen) * fan_in ** -0.5
+        out[name] = t.to(dtype)
+    return out
+
+
+def full_size_components(family: str = "sd1", dtype: torch.dtype = torch.float16, seed: int = 0
+                         ) -> dict[str, torch.Tensor]:
+    """ldm-layout random tensors of a full-size SD1.5 (or SDXL base) architecture, built without
+    instantiating fp32 modules (shapes from meta-device modules)."""
+    from diffusion.convert_clip import clip_config as hf_clip_config, clip_l_to_ldm, openclip_to_ldm
+    from diffusion.convert_unet import unet_key_map
+    from diffusion.convert_vae import diffusers_to_ldm_name as vae_name, _is_linear_attn
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**(SDXL_UNET_CONFIG if family == "sdxl" else SD15_UNET_CONFIG))
+        vae = AutoencoderKL(**{**SD15_VAE_CONFIG, "scaling_factor": 0.13025 if family == "sdxl" else 0.18215})
+        encoders: dict[str, torch.nn.Module] = {"l": CLIPTextModel(hf_clip_config("l", 768, 12, 3072, VOCAB_SIZE, 77))}
+        if family == "sdxl":
+            encoders["g"] = CLIPTextModelWithProjection(
+                hf_clip_config("g", 1280, 32, 5120, VOCAB_SIZE, 77, projection_dim=1280))
+    sd: dict[str, torch.Tensor] = {}
+    ushapes = {k: v.shape for k, v in unet.state_dict().items()}
+    key_map = unet_key_map(ushapes, unet.config)
+    for k, t in _random_like(ushapes, gen, dtype).items():
+        sd[key_map[k]] = t
+    for k, t in _random_like({k: v.shape for k, v in vae.state_dict().items()}, gen, dtype).items():
+        sd["first_stage_model." + vae_name(k, 4)] = t[:, :, None, None] if _is_linear_attn(k) else t
+    for key, enc in encoders.items():
+        prefix = TEXT_PREFIXES["sdxl" if family == "sdxl" else "sd1"][key]
+        shapes = {k: v.shape for k, v in enc.state_dict().items() if not k.endswith("position_ids")}
+        real = _random_like(shapes, gen, dtype)
+        names = clip_l_to_ldm(_Holder(real, enc), prefix) if key == "l" else openclip_to_ldm(_Holder(real, enc), prefix)
+        sd.update({k: v.to(dtype) for k, v in names.items()})
+    return sd
+
+
+class _Holder(torch.nn.Module):
+    """A state-dict stand-in with the config and nesting of a meta-device text model."""
+
+    def __init__(self, state: dict[str, torch.Tensor], like: torch.nn.Module) -> None:
+        super().__init__()
+        self._state, self.config = state, like.config
+        if hasattr(like, "text_model"):
+            self.text_model = torch.nn.Identity()
+
+    def state_dict(self, *args: object, **kwargs: object) -> dict[str, torch.Tensor]:  # type: ignore[override]
+        return dict(self._state)
+
+
+def write_full_size_checkpoint(path: str | os.PathLike[str], family: str = "sd1",
+                               dtype: torch.dtype = torch.float16, seed: int = 0) -> Path:
+    """A full-size random SD1.5-architecture (or SDXL) checkpoint in ldm layout, for benchmarks."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    save_file(full_size_components(family, dtype, seed), str(tmp), metadata={"easel_demo": f"full-size random {family}"})
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,181 @@
+"""Reading tensors from model files without ever running code from them.
+
+- `.safetensors` / `.sft`: the safetensors library (a JSON header + raw tensors; nothing executable).
+- `.ckpt` / `.pt` / `.pth` / `.bin`: `torch.load(weights_only=True)` only, with the few harmless globals
+  that original SD training checkpoints pickle allow-listed (formats.md 1.1). A pickle that asks for
+  anything else (e.g. `os.system`) is refused with a ModelFileError naming that global; there is no
+  unsafe fallback.
+Every failure -- missing, truncated, random bytes, no tensors -- is a ModelFileError naming the file.
+"""
+from __future__ import annotations
+
+import codecs
+import os
+import pickle
+import pickletools
+import re
+import warnings
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy
+import torch
+from safetensors import SafetensorError, safe_open
+
+from diffusion.errors import ModelFileError
+
+SAFETENSORS_EXTENSIONS = (".safetensors", ".sft")
+PICKLE_EXTENSIONS = (".ckpt", ".pt", ".pth", ".bin")
+
+
+class _LightningModelCheckpoint:
+    """Stand-in for pytorch_lightning's ModelCheckpoint callback pickled into old SD .ckpt files."""
+
+
+_LightningModelCheckpoint.__module__ = "pytorch_lightning.callbacks.model_checkpoint"
+_LightningModelCheckpoint.__name__ = _LightningModelCheckpoint.__qualname__ = "ModelCheckpoint"
+
+
+def _numpy_scalar(*args: Any) -> Any:
+    from numpy._core.multiarray import scalar   # numpy 2 location of numpy.core.multiarray.scalar
+    return scalar(*args)
+
+
+def _safe_globals() -> list[Any]:
+    items: list[Any] = [(_LightningModelCheckpoint, "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"),
+                        (_numpy_scalar, "numpy.core.multiarray.scalar"), numpy.dtype, codecs.encode]
+    f64 = getattr(getattr(numpy, "dtypes", None), "Float64DType", None)
+    if f64 is not None:
+        items.append(f64)
+    return items
+
+
+def _describe_file(path: Path) -> str:
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(16)
+    return f"{size} bytes starting with {head[:8]!r}"
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors and the `__metadata__` of a safetensors file."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except SafetensorError as e:
+        raise ModelFileError(path, f"not a valid safetensors file or truncated ({e}); found "
+                                   f"{_describe_file(path)}") from None
+    except (OSError, ValueError, RuntimeError) as e:
+        raise ModelFileError(path, f"unreadable safetensors file: {e}") from None
+    return tensors, meta
+
+
+def _refused_global(message: str) -> str | None:
+    m = re.search(r"GLOBAL ([\w.]+)", message) or re.search(r"global[s]? `?([\w.]+)`? ", message)
+    return m.group(1) if m else None
+
+
+def pickle_globals(path: Path, limit: int = 1 << 20) -> list[str]:
+    """Globals a pickle names (`module.name`), found by reading opcodes, never by unpickling."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                member = next((n for n in z.namelist() if n.endswith("data.pkl")), None)
+                data = z.read(member)[:limit] if member else b""
+        else:
+            with open(path, "rb") as f:
+                data = f.read(limit)
+        found: list[str] = []
+        strings: list[str] = []
+        for op, arg, _ in pickletools.genops(data):
+            if op.name == "GLOBAL":
+                found.append(str(arg).replace(" ", "."))
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                found.append(f"{strings[-2]}.{strings[-1]}")
+            elif isinstance(arg, str):
+                strings.append(arg)
+        return found
+    except Exception:                 # a broken stream: report what was found up to there
+        return found if "found" in locals() else []
+
+
+_TORCH_GLOBAL = re.compile(r"^(torch\.|collections\.OrderedDict$|builtins\.(set|frozenset|slice)$)")
+
+
+def read_pickle(path: Path) -> Any:
+    """torch.load with weights_only=True (and mmap for zip files); refusals become ModelFileError."""
+    is_zip = zipfile.is_zipfile(path)
+    try:
+        with torch.serialization.safe_globals(_safe_globals()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")      # torch's notes about pickle protocols
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
+    except pickle.UnpicklingError as e:
+        text = str(e)
+        bad = _refused_global(text) or next(
+            (g for g in pickle_globals(path) if not _TORCH_GLOBAL.match(g)), None)
+        if bad is not None:
+            raise ModelFileError(path, f"refused: the pickle asks for the global {bad!r}, which could run code; only "
+                                       "plain tensor files are loaded (torch.load weights_only=True)") from None
+        detail = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+        raise ModelFileError(path, f"not a torch checkpoint or truncated "
+                                   f"({detail.group(1).strip() if detail else text.splitlines()[0]}); found "
+                                   f"{_describe_file(path)}") from None
+    except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile, KeyError) as e:
+        first = str(e).splitlines()[0].split(". ")[0] if str(e) else type(e).__name__
+        raise ModelFileError(path, f"not a torch checkpoint or truncated ({first}); found "
+                                   f"{_describe_file(path)}") from None
+
+
+def unwrap(obj: Any) -> Any:
+    """Lightning-style nesting: `state_dict` (repeatedly), or a dict whose single value is a dict."""
+    while isinstance(obj, Mapping):
+        if "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+            obj = obj["state_dict"]
+        elif len(obj) == 1 and isinstance(next(iter(obj.values())), Mapping):
+            obj = next(iter(obj.values()))
+        else:
+            break
+    return obj
+
+
+def _sniff(path: Path) -> str:
+    """"safetensors" or "pickle" from the first bytes, for files with an unusual extension."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head[:2] == b"PK" or head[:1] == b"\x80":
+        return "pickle"
+    if len(head) == 9 and head[8:9] == b"{":
+        return "safetensors"
+    return "unknown"
+
+
+def load_state_dict(path: str | os.PathLike[str], with_metadata: bool = False
+                    ) -> dict[str, torch.Tensor] | tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors of a model file (CPU, stored dtype), optionally with its safetensors metadata."""
+    p = Path(path)
+    if not p.exists():
+        raise ModelFileError(p, "file not found")
+    if not p.is_file():
+        raise ModelFileError(p, "not a file")
+    ext = p.suffix.lower()
+    kind = "safetensors" if ext in SAFETENSORS_EXTENSIONS else "pickle" if ext in PICKLE_EXTENSIONS else _sniff(p)
+    meta: dict[str, str] = {}
+    if kind == "safetensors":
+        tensors, meta = read_safetensors(p)
+    elif kind == "pickle":
+        obj = unwrap(read_pickle(p))
+        if isinstance(obj, torch.Tensor) or not isinstance(obj, Mapping):
+            raise ModelFileError(p, f"expected a dict of tensors, found {type(obj).__name__}")
+        tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+        if not tensors:
+            kinds = sorted({type(v).__name__ for v in obj.values()})
+            raise ModelFileError(p, f"no tensors in it; found keys {list(obj)[:5]} of types {kinds}")
+    else:
+        raise ModelFileError(p, f"unknown file type {ext!r}: neither safetensors nor a torch file; found "
+                                f"{_describe_file(p)}")
+    if not tensors and kind == "safetensors":
+        raise ModelFileError(p, "the safetensors file holds no tensors")
+    return (tensors, meta) if with_metadata else tensors
