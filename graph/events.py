@@ -1,0 +1,71 @@
+"""Execution events and their sinks.
+
+The executor calls `sink(event, data)` synchronously from the thread that runs the prompt; a sink
+must be quick (the server's sink hands messages to its event loop, the CLI's draws a bar).
+Event names and payloads follow ComfyUI's websocket messages (protocol.md 4), plus `warning`
+(something a user should hear about, e.g. LoRA keys that matched nothing) and `explain`
+(why a node ran instead of coming from the cache).
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+EventSink = Callable[[str, dict[str, Any]], None]
+
+EXECUTION_START = "execution_start"
+EXECUTION_CACHED = "execution_cached"
+EXECUTING = "executing"
+PROGRESS = "progress"
+EXECUTED = "executed"
+EXECUTION_ERROR = "execution_error"
+EXECUTION_INTERRUPTED = "execution_interrupted"
+EXECUTION_SUCCESS = "execution_success"
+WARNING = "warning"
+EXPLAIN = "explain"
+
+JOB_EVENTS = frozenset({EXECUTION_START, EXECUTION_CACHED, EXECUTION_ERROR,
+                        EXECUTION_INTERRUPTED, EXECUTION_SUCCESS})
+
+
+def timestamp_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def null_sink(event: str, data: dict[str, Any]) -> None:
+    """A sink that drops everything."""
+
+
+class EventLog:
+    """A sink that keeps every event, for tests and for building history entries."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, dict[str, Any]]] = []
+
+    def __call__(self, event: str, data: dict[str, Any]) -> None:
+        self.events.append((event, data))
+
+    def of(self, event: str) -> list[dict[str, Any]]:
+        return [data for name, data in self.events if name == event]
+
+    def names(self) -> list[str]:
+        return [name for name, _ in self.events]
+
+    def executed_nodes(self) -> list[str]:
+        """Ids of the nodes that ran (had an `executing` event), in order."""
+        return [d["node"] for d in self.of(EXECUTING) if d.get("node") is not None]
+
+    def clear(self) -> None:
+        self.events.clear()
+
+
+def fan_out(sinks: Iterable[EventSink]) -> EventSink:
+    """One sink that forwards to several."""
+    targets = list(sinks)
+
+    def sink(event: str, data: dict[str, Any]) -> None:
+        for target in targets:
+            target(event, data)
+
+    return sink

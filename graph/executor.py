@@ -1,0 +1,480 @@
+"""Run a validated prompt as a DAG, reusing cached outputs across runs.
+
+A node's signature hashes its class, its literal inputs, the signatures of the outputs it reads
+and its IS_CHANGED value. An output's signature is `<node signature>:<slot>`, unless the value
+offers `patch_fingerprint()` (models and CLIPs with patches): then it is that fingerprint, so a
+LoRA loader that re-ran with an unchanged CLIP side leaves the text encoders cached.
+
+Nodes run on demand from the outputs with an explicit stack (no recursion per node): a node
+runs once its non-lazy inputs (and the lazy ones it asked for) are resolved.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import inspect
+import math
+import traceback
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import events as ev
+from .cache import CacheEntry, OutputCache
+from .errors import ValidationReport
+from .explain import NodeRecord, explain
+from .nodespec import NodeRegistry, NodeSpec, SpecTable
+from .runtime import Interrupted, NodeRuntime, running
+from .validate import validate_prompt
+from .workflow import as_link
+
+HIDDEN_FROM_EXTRA = {"EXTRA_PNGINFO": "extra_pnginfo", "AUTH_TOKEN_COMFY_ORG": "auth_token_comfy_org",
+                     "API_KEY_COMFY_ORG": "api_key_comfy_org", "COMFY_USAGE_SOURCE": "comfy_usage_source"}
+MAX_RECORDS = 200_000
+
+
+class NodeExecutionError(Exception):
+    """A node raised; carries the ComfyUI `execution_error` payload."""
+
+    def __init__(self, payload: dict[str, Any]) -> None:
+        super().__init__(payload.get("exception_message", ""))
+        self.payload = payload
+
+
+@dataclass
+class RunResult:
+    prompt_id: str
+    status: str                                   # "success" | "error" | "interrupted" | "invalid"
+    outputs: dict[str, dict[str, Any]] = field(default_factory=dict)   # output node id -> ui
+    executed: list[str] = field(default_factory=list)
+    cached: list[str] = field(default_factory=list)
+    error: dict[str, Any] | None = None           # execution_error / execution_interrupted payload
+    validation: ValidationReport | None = None
+    messages: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # job-level events
+    explanations: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "success"
+
+
+@dataclass(frozen=True)
+class _Link:
+    name: str
+    source: str
+    slot: int
+    lazy: bool
+
+
+def _digest(payload: str) -> str:
+    return hashlib.blake2b(payload.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+
+
+class Executor:
+    """Runs prompts against a node registry; keeps node instances and the last-run records."""
+
+    def __init__(self, registry: NodeRegistry, cache: OutputCache | None = None,
+                 events: ev.EventSink | None = None, folders: Any = None) -> None:
+        self.registry = registry
+        self.cache = cache if cache is not None else OutputCache()
+        self.sink: ev.EventSink = events or ev.null_sink
+        self.folders = folders
+        self._interrupt = False
+        self._instances: dict[tuple[str, str], Any] = {}
+        self._records: dict[str, NodeRecord] = {}
+
+    # -- control -------------------------------------------------------------------------------
+    def interrupt(self) -> None:
+        """Ask the running prompt to stop at the next node boundary or interrupt check."""
+        self._interrupt = True
+
+    def interrupt_requested(self) -> bool:
+        return self._interrupt
+
+    def validate(self, prompt: Mapping[str, Any], targets: Sequence[str] | None = None) -> ValidationReport:
+        return validate_prompt(prompt, SpecTable(self.registry), targets)
+
+    # -- running -------------------------------------------------------------------------------
+    def run(self, prompt: Mapping[str, Mapping[str, Any]], prompt_id: str | None = None,
+            extra_data: Mapping[str, Any] | None = None, targets: Sequence[str] | None = None,
+            report: ValidationReport | None = None) -> RunResult:
+        """Validate (unless a report is given) and run; events go to the sink as they happen."""
+        prompt_id = prompt_id or str(uuid.uuid4())
+        specs = SpecTable(self.registry)
+        if report is None:
+            report = validate_prompt(prompt, specs, targets)
+        if not report.ok:
+            return RunResult(prompt_id, "invalid", validation=report)
+        self._interrupt = False
+        run = _Run(self, prompt, prompt_id, dict(extra_data or {}), specs, report)
+        return run.execute()
+
+
+class _Run:
+    """The state of one prompt run (locals of the executor, split out for readability)."""
+
+    def __init__(self, ex: Executor, prompt: Mapping[str, Mapping[str, Any]], prompt_id: str,
+                 extra_data: dict[str, Any], specs: SpecTable, report: ValidationReport) -> None:
+        self.ex, self.prompt, self.prompt_id, self.extra = ex, prompt, prompt_id, extra_data
+        self.specs, self.report = specs, report
+        self.cache = ex.cache
+        self.result = RunResult(prompt_id, "success", validation=report)
+        self.links: dict[str, list[_Link]] = {}
+        self.sigs: dict[str, str] = {}
+        self.out_sigs: dict[str, tuple[str, ...] | None] = {}    # None: provisional "<sig>:<slot>"
+        self.diverged: set[str] = set()     # resolved nodes whose output sigs differ from provisional
+        self.resolved: dict[str, CacheEntry] = {}
+        self.always: set[str] = set()
+        self.prev_records: dict[str, NodeRecord | None] = {}
+
+    def emit(self, event: str, data: dict[str, Any]) -> None:
+        if event in ev.JOB_EVENTS:
+            self.result.messages.append((event, data))
+        self.ex.sink(event, data)
+
+    # -- signatures ------------------------------------------------------------------------------
+    def spec(self, node_id: str) -> NodeSpec:
+        spec = self.specs.get(str(self.prompt[node_id]["class_type"]))
+        if spec is None:  # validation guarantees it
+            raise KeyError(node_id)
+        return spec
+
+    def node_links(self, node_id: str) -> list[_Link]:
+        cached = self.links.get(node_id)
+        if cached is not None:
+            return cached
+        spec = self.spec(node_id)
+        out = []
+        for name, value in self.prompt[node_id].get("inputs", {}).items():
+            ispec = spec.inputs.get(name)
+            link = as_link(value)
+            if ispec is not None and link is not None:
+                out.append(_Link(name, link.source, link.slot, ispec.lazy))
+        self.links[node_id] = out
+        return out
+
+    def static_order(self) -> list[str]:
+        """Post-order DFS from the outputs over every link: a topological order, iteratively."""
+        order: list[str] = []
+        seen: set[str] = set()
+        for root in self.report.outputs:
+            if root in seen:
+                continue
+            seen.add(root)
+            stack = [(root, iter(self.node_links(root)))]
+            while stack:
+                node_id, it = stack[-1]
+                for link in it:
+                    if link.source not in seen:
+                        seen.add(link.source)
+                        stack.append((link.source, iter(self.node_links(link.source))))
+                        break
+                else:
+                    stack.pop()
+                    order.append(node_id)
+        return order
+
+    def out_sig(self, node_id: str, slot: int) -> str:
+        sigs = self.out_sigs.get(node_id)
+        if sigs is not None and slot < len(sigs):
+            return sigs[slot]
+        return f"{self.sigs[node_id]}:{slot}"
+
+    def is_changed(self, node_id: str, spec: NodeSpec) -> str | None:
+        if not spec.has_is_changed:
+            return None
+        kwargs = dict(self.report.literals.get(node_id, {}))
+        for link in self.node_links(node_id):
+            kwargs[link.name] = None
+        kwargs.update(self.hidden(node_id, spec))
+        try:
+            value = spec.cls.IS_CHANGED(**kwargs)
+            hash(value)
+        except Exception:  # ComfyUI: an exception or unhashable value counts as NaN
+            value = float("nan")
+        if isinstance(value, float) and math.isnan(value):
+            self.always.add(node_id)
+            return f"nan:{uuid.uuid4().hex}"
+        return repr(value)
+
+    def signature(self, node_id: str, spec: NodeSpec, changed: str | None) -> tuple[str, NodeRecord]:
+        literals = self.report.literals.get(node_id, {})
+        link_sigs = {link.name: (link.source, self.out_sig(link.source, link.slot)) for link in self.node_links(node_id)}
+        ident = node_id if spec.not_idempotent else None
+        payload = repr((spec.class_type, sorted(literals.items()), sorted((k, v[1]) for k, v in link_sigs.items()),
+                        changed, ident))
+        sig = _digest(payload)
+        return sig, NodeRecord(spec.class_type, literals, link_sigs, changed, sig)
+
+    # -- the run ---------------------------------------------------------------------------------
+    def execute(self) -> RunResult:
+        self.emit(ev.EXECUTION_START, {"prompt_id": self.prompt_id, "timestamp": ev.timestamp_ms()})
+        records = self.ex._records
+        if len(records) > MAX_RECORDS:
+            records.clear()
+        cached: list[str] = []
+        for node_id in self.static_order():
+            spec = self.spec(node_id)
+            sig, record = self.signature(node_id, spec, self.is_changed(node_id, spec))
+            self.sigs[node_id] = sig
+            entry = self.cache.get(sig)
+            if entry is not None:
+                self.out_sigs[node_id] = entry.output_sigs
+                cached.append(node_id)
+            else:
+                self.prev_records[node_id] = records.get(node_id)
+            records[node_id] = record
+        self.result.cached = list(cached)
+        self.emit(ev.EXECUTION_CACHED, {"nodes": cached, "prompt_id": self.prompt_id, "timestamp": ev.timestamp_ms()})
+        try:
+            self.walk(set(cached))
+        except Interrupted as exc:
+            node_id = getattr(exc, "node_id", None)
+            payload = {"prompt_id": self.prompt_id, "node_id": node_id,
+                       "node_type": self.prompt[node_id]["class_type"] if node_id else None,
+                       "executed": list(self.result.executed), "timestamp": ev.timestamp_ms()}
+            self.result.status, self.result.error = "interrupted", payload
+            self.emit(ev.EXECUTION_INTERRUPTED, payload)
+        except NodeExecutionError as exc:
+            self.result.status, self.result.error = "error", exc.payload
+            self.emit(ev.EXECUTION_ERROR, exc.payload)
+        else:
+            self.emit(ev.EXECUTION_SUCCESS, {"prompt_id": self.prompt_id, "timestamp": ev.timestamp_ms()})
+        self.emit(ev.EXECUTING, {"node": None, "prompt_id": self.prompt_id})
+        return self.result
+
+    def current_sig(self, node_id: str) -> str:
+        """The node's signature with the real output signatures of upstream nodes that ran."""
+        if self.diverged and any(link.source in self.diverged for link in self.node_links(node_id)):
+            spec = self.spec(node_id)
+            prev = self.ex._records.get(node_id)
+            changed = prev.changed if prev is not None else None
+            sig, record = self.signature(node_id, spec, changed)
+            self.sigs[node_id] = sig
+            self.ex._records[node_id] = record
+        return self.sigs[node_id]
+
+    def walk(self, announced: set[str]) -> None:
+        requested: dict[str, set[str]] = {}
+        lazy_checked: set[str] = set()
+        stack = list(reversed(self.report.outputs))
+        outputs = set(self.report.outputs)
+        while stack:
+            node_id = stack[-1]
+            if node_id in self.resolved:
+                stack.pop()
+                continue
+            if self.ex._interrupt:
+                exc = Interrupted("interrupted")
+                exc.node_id = node_id  # type: ignore[attr-defined]
+                raise exc
+            entry = self.cache.get(self.current_sig(node_id))
+            if entry is not None:
+                self.take_cached(node_id, entry, node_id in outputs, announced)
+                stack.pop()
+                continue
+            wanted = requested.get(node_id, ())
+            missing = [link.source for link in self.node_links(node_id)
+                       if (not link.lazy or link.name in wanted) and link.source not in self.resolved]
+            if missing:
+                stack.extend(reversed(missing))
+                continue
+            spec = self.spec(node_id)
+            if spec.has_lazy and node_id not in lazy_checked:
+                more = self.check_lazy(node_id, spec, requested.setdefault(node_id, set()))
+                if more:
+                    continue
+                lazy_checked.add(node_id)
+                entry = self.cache.get(self.current_sig(node_id))
+                if entry is not None:
+                    self.take_cached(node_id, entry, node_id in outputs, announced)
+                    stack.pop()
+                    continue
+            self.run_node(node_id, spec, requested.get(node_id, set()))
+            stack.pop()
+
+    def take_cached(self, node_id: str, entry: CacheEntry, is_output: bool, announced: set[str]) -> None:
+        self.resolved[node_id] = entry
+        if self.out_sigs.get(node_id) != entry.output_sigs:
+            self.out_sigs[node_id] = entry.output_sigs
+            self.diverged.add(node_id)
+        if node_id not in announced:
+            announced.add(node_id)
+            self.result.cached.append(node_id)
+            self.emit(ev.EXECUTION_CACHED, {"nodes": [node_id], "prompt_id": self.prompt_id, "timestamp": ev.timestamp_ms()})
+        if is_output:
+            if entry.ui is not None:
+                self.result.outputs[node_id] = entry.ui
+            self.emit(ev.EXECUTED, {"node": node_id, "display_node": node_id, "output": entry.ui,
+                                    "prompt_id": self.prompt_id})
+
+    # -- calling a node --------------------------------------------------------------------------
+    def hidden(self, node_id: str, spec: NodeSpec) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name, kind in spec.hidden.items():
+            if kind == "PROMPT":
+                out[name] = self.prompt
+            elif kind == "UNIQUE_ID":
+                out[name] = node_id
+            elif kind in HIDDEN_FROM_EXTRA:
+                out[name] = self.extra.get(HIDDEN_FROM_EXTRA[kind])
+            else:
+                out[name] = None
+        return out
+
+    def instance(self, node_id: str, spec: NodeSpec) -> Any:
+        key = (node_id, spec.class_type)
+        obj = self.ex._instances.get(key)
+        if obj is None:
+            if len(self.ex._instances) > MAX_RECORDS:
+                self.ex._instances.clear()
+            obj = spec.cls()
+            self.ex._instances[key] = obj
+        return obj
+
+    def gather_inputs(self, node_id: str, wanted: set[str]) -> dict[str, list[Any]]:
+        inputs: dict[str, list[Any]] = {name: [value] for name, value in self.report.literals.get(node_id, {}).items()}
+        for link in self.node_links(node_id):
+            if link.lazy and link.name not in wanted and link.source not in self.resolved:
+                inputs[link.name] = [None]
+            elif self.spec(node_id).inputs[link.name].raw_link:
+                inputs[link.name] = [[link.source, link.slot]]
+            else:
+                inputs[link.name] = self.resolved[link.source].outputs[link.slot]
+        return inputs
+
+    def runtime(self, node_id: str) -> NodeRuntime:
+        return NodeRuntime(node_id, self.prompt_id, self.emit, self.ex.interrupt_requested, self.ex.folders)
+
+    def check_lazy(self, node_id: str, spec: NodeSpec, wanted: set[str]) -> bool:
+        """Ask check_lazy_status which lazy inputs it needs; True when new ones were requested."""
+        obj = self.instance(node_id, spec)
+        check = getattr(obj, "check_lazy_status", None)
+        lazy_links = {link.name for link in self.node_links(node_id) if link.lazy}
+        if check is None:
+            new = lazy_links - wanted
+        else:
+            inputs = self.gather_inputs(node_id, wanted)
+            first = {k: v[0] if v else None for k, v in inputs.items()}
+            first.update(self.hidden(node_id, spec))
+            with running(self.runtime(node_id)):
+                needed = self.call(node_id, spec, check, first, "check_lazy_status")
+            if isinstance(needed, str):
+                needed = [needed]
+            new = {name for name in (needed or []) if name in lazy_links} - wanted
+        wanted |= new
+        return bool(new)
+
+    def call(self, node_id: str, spec: NodeSpec, fn: Any, kwargs: dict[str, Any], what: str) -> Any:
+        try:
+            out = fn(**kwargs)
+            if inspect.iscoroutine(out):
+                out = asyncio.run(out)
+            return out
+        except Interrupted as exc:
+            exc.node_id = node_id  # type: ignore[attr-defined]
+            raise
+        except Exception as exc:
+            kind = type(exc)
+            name = kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__name__}"
+            raise NodeExecutionError({
+                "prompt_id": self.prompt_id, "node_id": node_id, "node_type": spec.class_type,
+                "executed": list(self.result.executed), "exception_message": f"{exc}",
+                "exception_type": name, "traceback": traceback.format_exception(exc),
+                "current_inputs": {k: [_short(v)] for k, v in kwargs.items() if k not in spec.hidden},
+                "current_outputs": list(self.resolved), "timestamp": ev.timestamp_ms(), "phase": what,
+            }) from exc
+
+    def run_node(self, node_id: str, spec: NodeSpec, wanted: set[str]) -> None:
+        sig = self.sigs[node_id]
+        reasons = explain(self.prev_records.get(node_id), self.ex._records[node_id],
+                          sig in self.cache.evicted, node_id in self.always)
+        self.result.explanations[node_id] = reasons
+        self.emit(ev.EXPLAIN, {"node": node_id, "class_type": spec.class_type, "reasons": reasons,
+                               "prompt_id": self.prompt_id})
+        self.emit(ev.EXECUTING, {"node": node_id, "display_node": node_id, "prompt_id": self.prompt_id})
+        obj = self.instance(node_id, spec)
+        fn = getattr(obj, spec.function, None)
+        if fn is None:
+            raise NodeExecutionError({
+                "prompt_id": self.prompt_id, "node_id": node_id, "node_type": spec.class_type,
+                "executed": list(self.result.executed),
+                "exception_message": f"{spec.class_type} has no method {spec.function!r} (its FUNCTION)",
+                "exception_type": "AttributeError", "traceback": [], "current_inputs": {},
+                "current_outputs": list(self.resolved), "timestamp": ev.timestamp_ms()})
+        inputs = self.gather_inputs(node_id, wanted)
+        hidden = self.hidden(node_id, spec)
+        n_out = len(spec.return_types)
+        outputs: tuple[list[Any], ...] = tuple([] for _ in range(n_out))
+        ui: dict[str, Any] | None = None
+        with running(self.runtime(node_id)):
+            if spec.input_is_list:
+                calls = [dict(inputs, **hidden)]
+            else:
+                count = max((len(v) for v in inputs.values()), default=1)
+                if any(len(v) == 0 for v in inputs.values()):
+                    count = 0
+                calls = [{k: v[min(i, len(v) - 1)] for k, v in inputs.items()} | hidden for i in range(count)]
+            for kwargs in calls:
+                result = self.call(node_id, spec, fn, kwargs, spec.function)
+                values, part_ui = _split_result(result, spec)
+                if part_ui is not None:
+                    ui = _merge_ui(ui, part_ui)
+                for slot in range(min(n_out, len(values))):
+                    if spec.output_is_list[slot]:
+                        outputs[slot].extend(values[slot])
+                    else:
+                        outputs[slot].append(values[slot])
+        out_sigs = tuple(_output_sig(sig, slot, outputs[slot]) for slot in range(n_out))
+        if out_sigs != tuple(f"{sig}:{slot}" for slot in range(n_out)):
+            self.diverged.add(node_id)
+        self.out_sigs[node_id] = out_sigs
+        entry = self.cache.put(sig, outputs, out_sigs, ui)
+        self.resolved[node_id] = entry
+        self.result.executed.append(node_id)
+        if ui is not None:
+            if node_id in self.report.outputs or spec.output_node:
+                self.result.outputs[node_id] = ui
+            self.emit(ev.EXECUTED, {"node": node_id, "display_node": node_id, "output": ui,
+                                    "prompt_id": self.prompt_id})
+
+
+def _split_result(result: Any, spec: NodeSpec) -> tuple[Sequence[Any], dict[str, Any] | None]:
+    if isinstance(result, dict):
+        if "expand" in result:
+            raise TypeError(f"{spec.class_type} returned a node expansion, which Easel does not run yet")
+        ui = result.get("ui")
+        values = result.get("result", ())
+        return tuple(values) if values is not None else (), ui
+    if result is None:
+        return (), None
+    if isinstance(result, (tuple, list)):
+        return tuple(result), None
+    raise TypeError(f"{spec.class_type}.{spec.function} must return a tuple or a dict with 'result'/'ui', "
+                    f"returned {type(result).__name__}")
+
+
+def _merge_ui(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
+    if old is None:
+        return dict(new)
+    merged = dict(old)
+    for key, value in new.items():
+        if key in merged and isinstance(merged[key], list) and isinstance(value, list):
+            merged[key] = merged[key] + value
+        else:
+            merged[key] = value
+    return merged
+
+
+def _output_sig(sig: str, slot: int, items: list[Any]) -> str:
+    if len(items) == 1:
+        fingerprint = getattr(items[0], "patch_fingerprint", None)
+        if callable(fingerprint):
+            return f"fp:{fingerprint()}"
+    return f"{sig}:{slot}"
+
+
+def _short(value: Any, limit: int = 200) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
