@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 
 import numpy as np
 import pytest
@@ -134,3 +135,34 @@ def test_image_scale(folders):
     assert node.upscale(img, "lanczos", 6, 0, "disabled")[0].shape == (2, 4, 6, 3)
     square = node.upscale(img, "nearest-exact", 8, 8, "center")[0]
     assert torch.equal(square, img[:, :, 2:10, :])                                       # center crop, same size
+
+
+def test_through_the_executor_load_scale_save(folders):
+    from graph.cache import OutputCache
+    from graph.events import EventLog
+    from graph.executor import Executor
+    from nodes.registry import build_registry
+
+    _write_input(folders, "in.png", rgba=True)
+    prompt = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "in.png"}},
+        "2": {"class_type": "ImageScale", "inputs": {"image": ["1", 0], "upscale_method": "bicubic",
+                                                      "width": 10, "height": 0, "crop": "disabled"}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "e/x"}},
+    }
+    log = EventLog()
+    ex = Executor(build_registry(), OutputCache(), log)
+    first = ex.run(prompt, extra_data={"extra_pnginfo": {"workflow": {"id": "abc"}}})
+    assert first.ok, first.error or first.validation
+    assert first.outputs["3"] == {"images": [{"filename": "x_00001_.png", "subfolder": "e", "type": "output"}]}
+    meta = image_io.read_metadata(folders.output_dir / "e/x_00001_.png")
+    assert meta.prompt == prompt and meta.workflow == {"id": "abc"} and meta.parameters is None
+    assert Image.open(folders.output_dir / "e/x_00001_.png").size == (10, 12)
+    second = ex.run(prompt)
+    assert set(second.cached) >= {"1", "2"}                     # same file hash: LoadImage is cached
+    _write_input(folders, "in.png")                           # new content: IS_CHANGED differs
+    third = ex.run(prompt)
+    assert "1" in third.executed
+    bad = ex.run({**prompt, "1": {"class_type": "LoadImage", "inputs": {"image": "nope.png"}}})
+    assert bad.status == "invalid" and "Invalid image file: nope.png" in json.dumps(bad.validation.node_errors
+                                                                                     if bad.validation else {})
