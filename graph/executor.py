@@ -251,6 +251,8 @@ class _Run:
             prev = self.ex._records.get(node_id)
             changed = prev.changed if prev is not None else None
             sig, record = self.signature(node_id, spec, changed)
+            if sig != self.sigs[node_id]:
+                self.diverged.add(node_id)   # consumers assumed "<old sig>:<slot>"
             self.sigs[node_id] = sig
             self.ex._records[node_id] = record
         return self.sigs[node_id]
@@ -296,9 +298,10 @@ class _Run:
 
     def take_cached(self, node_id: str, entry: CacheEntry, is_output: bool, announced: set[str]) -> None:
         self.resolved[node_id] = entry
-        if self.out_sigs.get(node_id) != entry.output_sigs:
-            self.out_sigs[node_id] = entry.output_sigs
+        assumed = tuple(self.out_sig(node_id, slot) for slot in range(len(entry.output_sigs)))
+        if assumed != entry.output_sigs:
             self.diverged.add(node_id)
+        self.out_sigs[node_id] = entry.output_sigs
         if node_id not in announced:
             announced.add(node_id)
             self.result.cached.append(node_id)
