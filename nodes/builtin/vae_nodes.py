@@ -65,7 +65,11 @@ class VAEDecodeTiled:
                temporal_size: int = 64, temporal_overlap: int = 8) -> tuple[torch.Tensor]:
         if tile_size < overlap * 4:
             overlap = tile_size // 4   # as ComfyUI: an overlap over a quarter of the tile is cut back
-        return (vae.decode_tiled(_latent(samples, "VAEDecodeTiled"), tile_size=tile_size, overlap=overlap),)
+        # diffusion.vae.VAE.decode_tiled takes latent units: pixels / the VAE's downscale ratio (8)
+        ratio = int(getattr(vae, "downscale_ratio", 8))
+        tile = max(1, tile_size // ratio)
+        return (vae.decode_tiled(_latent(samples, "VAEDecodeTiled"), tile_x=tile, tile_y=tile,
+                                 overlap=overlap // ratio),)
 
 
 class VAEEncode:
@@ -106,7 +110,9 @@ class VAEEncodeTiled:
                temporal_size: int = 64, temporal_overlap: int = 8) -> tuple[dict[str, torch.Tensor]]:
         if tile_size < overlap * 4:
             overlap = tile_size // 4
-        latent = vae.encode_tiled(_pixels_rgb(pixels, "VAEEncodeTiled"), tile_size=tile_size, overlap=overlap)
+        # encode_tiled takes image pixels, as the node's inputs
+        latent = vae.encode_tiled(_pixels_rgb(pixels, "VAEEncodeTiled"), tile_x=tile_size, tile_y=tile_size,
+                                  overlap=overlap)
         return ({"samples": latent},)
 
 
