@@ -15,6 +15,7 @@ reported in `A1111Import.unknown` / `.notes`, never fatal.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,6 +23,9 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from graph.workflow_file import load_workflow_file
+from nodes.folders import ModelFolders
+
+log = logging.getLogger("easel.a1111")
 
 # A1111 sampler label -> (ComfyUI sampler_name, scheduler of A1111's "Automatic" schedule).
 SAMPLERS: dict[str, tuple[str, str]] = {
@@ -208,9 +212,27 @@ def _size(settings: dict[str, str]) -> tuple[int, int]:
     return max(8, w // 8 * 8), max(8, h // 8 * 8)
 
 
-def a1111_to_api(parameters: str | A1111Parameters, checkpoints: Sequence[str] = (),
+def a1111_to_api(parameters: str | A1111Parameters, folders: ModelFolders | None = None, *,
+                 checkpoints: Sequence[str] | None = None, vaes: Sequence[str] | None = None,
+                 filename_prefix: str = "a1111") -> dict[str, Any]:
+    """The API graph for A1111 parameters, matching model names against `folders`.
+
+    Unknown fields and substitutions are logged as warnings; use `import_a1111` to get them as data.
+    """
+    if folders is not None:
+        checkpoints = folders.list_files("checkpoints") if checkpoints is None else checkpoints
+        vaes = folders.list_files("vae") if vaes is None else vaes
+    imp = import_a1111(parameters, checkpoints or (), vaes or (), filename_prefix)
+    if imp.unknown:
+        log.warning("A1111 parameters: fields not reproduced by Easel: %s", ", ".join(imp.unknown))
+    for note in imp.notes:
+        log.warning("A1111 parameters: %s", note)
+    return imp.prompt
+
+
+def import_a1111(parameters: str | A1111Parameters, checkpoints: Sequence[str] = (),
                  vaes: Sequence[str] = (), filename_prefix: str = "a1111") -> A1111Import:
-    """Build the API graph for A1111 parameters; `checkpoints`/`vaes` are the available file names."""
+    """The API graph for A1111 parameters plus what was not used; `checkpoints`/`vaes` are file names."""
     p = parse_parameters(parameters) if isinstance(parameters, str) else parameters
     s = p.settings
     lower = {k.lower(): v for k, v in s.items()}
@@ -291,6 +313,6 @@ def import_a1111_file(path: str | Path, checkpoints: Sequence[str] = (), vaes: S
             raise A1111ParseError(f"{path} has no AUTOMATIC1111 'parameters' text chunk")
         text = source.parameters
     try:
-        return a1111_to_api(text, checkpoints, vaes, filename_prefix)
+        return import_a1111(text, checkpoints, vaes, filename_prefix)
     except A1111ParseError as err:
         raise A1111ParseError(f"{path}: {err}") from err

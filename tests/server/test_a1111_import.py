@@ -8,8 +8,10 @@ import pytest
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from server.a1111_import import (A1111ParseError, a1111_to_api, import_a1111_file, map_sampler,
-                                 parse_parameters, split_settings)
+from nodes.folders import ModelFolders
+
+from server.a1111_import import (A1111ParseError, a1111_to_api, import_a1111, import_a1111_file,
+                                 map_sampler, parse_parameters, split_settings)
 
 REALISTIC = (
     "masterpiece, (a red fox:1.2) in the snow, <lora:foxStyle_v2:0.8>\n"
@@ -77,7 +79,7 @@ def test_unmapped_sampler_and_schedule_are_noted() -> None:
 
 
 def test_graph_for_realistic_parameters() -> None:
-    imp = a1111_to_api(REALISTIC, checkpoints=["sd15/v1-5-pruned-emaonly.safetensors", "other.ckpt"])
+    imp = import_a1111(REALISTIC, checkpoints=["sd15/v1-5-pruned-emaonly.safetensors", "other.ckpt"])
     g = imp.prompt
     assert g["1"] == {"class_type": "CheckpointLoaderSimple",
                       "inputs": {"ckpt_name": "sd15/v1-5-pruned-emaonly.safetensors"}}
@@ -101,7 +103,7 @@ def test_hires_fix_vae_and_model_fallbacks() -> None:
     text = ("a castle\nSteps: 10, Sampler: Euler a, CFG scale: 7, Seed: 5, Size: 500x300, Model: missing, "
             "Denoising strength: 0.45, Hires upscale: 1.5, Hires steps: 6, Hires upscaler: Latent (bicubic), "
             "VAE: kl-f8.safetensors, Face restoration: CodeFormer")
-    imp = a1111_to_api(text, checkpoints=["a.safetensors"], vaes=["kl-f8.safetensors"])
+    imp = import_a1111(text, checkpoints=["a.safetensors"], vaes=["kl-f8.safetensors"])
     g = imp.prompt
     assert g["4"]["inputs"]["width"] == 496 and g["4"]["inputs"]["height"] == 296   # multiples of 8
     assert "2" not in g                                                             # no clip skip
@@ -118,9 +120,9 @@ def test_hires_fix_vae_and_model_fallbacks() -> None:
 
 
 def test_img2img_denoise_and_non_latent_upscaler_are_noted() -> None:
-    imp = a1111_to_api("x\nSteps: 4, Denoising strength: 0.3, Size: 64x64")
+    imp = import_a1111("x\nSteps: 4, Denoising strength: 0.3, Size: 64x64")
     assert any("img2img" in n for n in imp.notes) and "8" not in imp.prompt
-    imp = a1111_to_api("x\nSteps: 4, Hires upscale: 2, Hires upscaler: R-ESRGAN 4x+, Size: 64x64")
+    imp = import_a1111("x\nSteps: 4, Hires upscale: 2, Hires upscaler: R-ESRGAN 4x+, Size: 64x64")
     assert imp.prompt["8"]["inputs"]["upscale_method"] == "bicubic"
     assert imp.prompt["8"]["inputs"]["width"] == 128
     assert any("R-ESRGAN" in n for n in imp.notes)
@@ -139,3 +141,14 @@ def test_import_from_png_and_txt(tmp_path: Path) -> None:
     txt.write_text("no settings here")
     with pytest.raises(A1111ParseError, match=r"p\.txt: no settings line"):
         import_a1111_file(txt)
+
+
+def test_a1111_to_api_matches_against_folders_and_logs_unknowns(tmp_path: Path,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    (tmp_path / "models/checkpoints").mkdir(parents=True)
+    (tmp_path / "models/checkpoints/v1-5-pruned-emaonly.safetensors").write_bytes(b"x")
+    (tmp_path / "models/checkpoints/zzz.safetensors").write_bytes(b"x")
+    with caplog.at_level("WARNING", logger="easel.a1111"):
+        prompt = a1111_to_api(REALISTIC, ModelFolders(tmp_path))
+    assert prompt["1"]["inputs"]["ckpt_name"] == "v1-5-pruned-emaonly.safetensors"
+    assert "ENSD" in caplog.text
