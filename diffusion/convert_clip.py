@@ -49,7 +49,7 @@ def clip_config(kind: str, hidden: int, layers: int, intermediate: int, vocab: i
 # --- CLIP-L (transformers naming inside the checkpoint) -----------------------------------------
 
 def clip_l_from_ldm(sd: Mapping[str, torch.Tensor], prefix: str, path: str | os.PathLike[str] = "<state dict>",
-                    with_projection: bool = False) -> torch.nn.Module:
+                    with_projection: bool = False, dtype: torch.dtype | None = None) -> torch.nn.Module:
     """Build a CLIPTextModel from the tensors under `prefix` (e.g. `cond_stage_model.transformer.`)."""
     sub = _sub(sd, prefix)
     if sub and not any(k.startswith("text_model.") for k in sub):
@@ -62,11 +62,11 @@ def clip_l_from_ldm(sd: Mapping[str, torch.Tensor], prefix: str, path: str | os.
                           int(tm["embeddings.position_embedding.weight"].shape[0]))
     except KeyError as e:
         raise ModelFileError(path, f"CLIP text encoder under {prefix!r} lacks {e.args[0]!r}") from None
-    model = CLIPTextModelWithProjection(cfg) if with_projection else CLIPTextModel(cfg)
+    model = _empty(CLIPTextModelWithProjection if with_projection else CLIPTextModel, cfg)
     state = {("text_model." + k if hasattr(model, "text_model") else k): v for k, v in tm.items()}
     if "text_projection.weight" in sub and with_projection:
         state["text_projection.weight"] = sub["text_projection.weight"]
-    _load(model, state, path, prefix)
+    _load(model, state, path, prefix, dtype)
     return model
 
 
@@ -97,7 +97,8 @@ def openclip_to_hf_name(key: str) -> str | None:
 
 
 def openclip_from_ldm(sd: Mapping[str, torch.Tensor], prefix: str, with_projection: bool,
-                      path: str | os.PathLike[str] = "<state dict>") -> torch.nn.Module:
+                      path: str | os.PathLike[str] = "<state dict>", dtype: torch.dtype | None = None
+                      ) -> torch.nn.Module:
     """Build a transformers CLIP text model from OpenCLIP tensors under `prefix`."""
     sub = _sub(sd, prefix)
     try:
@@ -127,13 +128,13 @@ def openclip_from_ldm(sd: Mapping[str, torch.Tensor], prefix: str, with_projecti
             unknown.append(k)
     if unknown:
         raise ModelFileError(path, f"OpenCLIP tensors not understood under {prefix!r}: {', '.join(unknown[:5])}")
-    model = CLIPTextModelWithProjection(cfg) if with_projection else CLIPTextModel(cfg)
+    model = _empty(CLIPTextModelWithProjection if with_projection else CLIPTextModel, cfg)
     state = {("text_model." + k if hasattr(model, "text_model") else k): v for k, v in hf.items()}
     if with_projection:
         if proj is None:
             raise ModelFileError(path, f"OpenCLIP text encoder under {prefix!r} lacks 'text_projection'")
         state["text_projection.weight"] = proj.t().contiguous()         # [D, P] -> Linear weight [P, D]
-    _load(model, state, path, prefix)
+    _load(model, state, path, prefix, dtype)
     return model
 
 
@@ -172,12 +173,28 @@ def openclip_to_ldm(model: torch.nn.Module, prefix: str) -> dict[str, torch.Tens
     return out
 
 
-def _load(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str | os.PathLike[str], prefix: str) -> None:
+def _empty(cls: type, cfg: CLIPTextConfig) -> torch.nn.Module:
+    """The module without initialising weights (meta device); `_load` assigns the real tensors."""
+    with torch.device("meta"):
+        return cls(cfg)
+
+
+def _load(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str | os.PathLike[str], prefix: str,
+          dtype: torch.dtype | None = None) -> None:
     expected = {k for k in model.state_dict() if not _ignored(k)}
     missing = sorted(expected - set(state))
     extra = sorted(set(state) - expected)
     if missing or extra:
         raise ModelFileError(path, f"text encoder under {prefix!r} does not fit its config: "
                                    f"missing {missing[:5]}, unexpected {extra[:5]}")
-    model.load_state_dict(state, strict=False)
-    model.eval()
+    for k, v in state.items():
+        want = model.state_dict()[k].shape
+        if v.shape != want:
+            raise ModelFileError(path, f"text encoder tensor {prefix}{k}: shape {list(v.shape)}, expected {list(want)}")
+    dtype = dtype or torch.float32
+    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False, assign=True)
+    for name, buf in list(model.named_buffers()):
+        if buf.is_meta and name.endswith("position_ids"):    # non-persistent buffer: rebuild it
+            owner = model.get_submodule(name.rsplit(".", 1)[0])
+            owner.register_buffer("position_ids", torch.arange(buf.shape[-1]).expand(1, -1), persistent=False)
+    model.eval().requires_grad_(False)
