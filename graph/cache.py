@@ -57,6 +57,18 @@ def estimate_bytes(value: Any, limit: int = 10_000) -> int:
     return total
 
 
+_SCALARS = (str, int, float, bool, type(None))
+
+
+def outputs_size(outputs: tuple[list[Any], ...]) -> int:
+    """Bytes of a node's outputs; scalars are counted without the generic walk (the hot path)."""
+    total = 0
+    for items in outputs:
+        for item in items:
+            total += sys.getsizeof(item) if type(item) in _SCALARS else estimate_bytes(item)
+    return total
+
+
 class OutputCache:
     """Least-recently-used cache of node outputs keyed by signature."""
 
@@ -91,7 +103,7 @@ class OutputCache:
     def put(self, sig: str, outputs: tuple[list[Any], ...], output_sigs: tuple[str, ...],
             ui: dict[str, Any] | None, size: int | None = None) -> CacheEntry:
         if size is None:
-            size = estimate_bytes(outputs) if any(outputs) else 0
+            size = outputs_size(outputs)
         old = self._entries.pop(sig, None)
         if old is not None:
             self._bytes -= old.size

@@ -25,7 +25,7 @@ from .cache import CacheEntry, OutputCache
 from .errors import ValidationReport
 from .explain import NodeRecord, explain
 from .nodespec import NodeRegistry, NodeSpec, SpecTable
-from .runtime import Interrupted, NodeRuntime, running
+from .runtime import CURRENT_RUNTIME, Interrupted, NodeRuntime, running
 from .validate import validate_prompt
 from .workflow import as_link
 
@@ -144,6 +144,9 @@ class _Run:
         cached = self.links.get(node_id)
         if cached is not None:
             return cached
+        return self._read_links(node_id)
+
+    def _read_links(self, node_id: str) -> list[_Link]:
         spec = self.spec(node_id)
         out = []
         for name, value in self.prompt[node_id].get("inputs", {}).items():
@@ -246,7 +249,7 @@ class _Run:
 
     def current_sig(self, node_id: str) -> str:
         """The node's signature with the real output signatures of upstream nodes that ran."""
-        if self.diverged and any(link.source in self.diverged for link in self.node_links(node_id)):
+        if self.diverged and any(link.source in self.diverged for link in self.links[node_id]):
             spec = self.spec(node_id)
             prev = self.ex._records.get(node_id)
             changed = prev.changed if prev is not None else None
@@ -277,7 +280,7 @@ class _Run:
                 stack.pop()
                 continue
             wanted = requested.get(node_id, ())
-            missing = [link.source for link in self.node_links(node_id)
+            missing = [link.source for link in self.links[node_id]
                        if (not link.lazy or link.name in wanted) and link.source not in self.resolved]
             if missing:
                 stack.extend(reversed(missing))
@@ -411,7 +414,8 @@ class _Run:
         n_out = len(spec.return_types)
         outputs: tuple[list[Any], ...] = tuple([] for _ in range(n_out))
         ui: dict[str, Any] | None = None
-        with running(self.runtime(node_id)):
+        token = CURRENT_RUNTIME.set(self.runtime(node_id))
+        try:
             if spec.input_is_list:
                 calls = [dict(inputs, **hidden)]
             else:
@@ -429,6 +433,8 @@ class _Run:
                         outputs[slot].extend(values[slot])
                     else:
                         outputs[slot].append(values[slot])
+        finally:
+            CURRENT_RUNTIME.reset(token)
         out_sigs = tuple(_output_sig(sig, slot, outputs[slot]) for slot in range(n_out))
         if out_sigs != tuple(f"{sig}:{slot}" for slot in range(n_out)):
             self.diverged.add(node_id)

@@ -37,7 +37,8 @@ class NodeRuntime:
                               "message": message, **(data or {})})
 
 
-_current: contextvars.ContextVar[NodeRuntime] = contextvars.ContextVar("easel_node_runtime")
+CURRENT_RUNTIME: contextvars.ContextVar[NodeRuntime] = contextvars.ContextVar("easel_node_runtime")
+_current = CURRENT_RUNTIME
 _IDLE = NodeRuntime()
 
 
