@@ -40,9 +40,9 @@ def parse_set(items: Sequence[str]) -> list[tuple[str, str, Any]]:
 class ConsoleProgress:
     """Event sink for a terminal: a tqdm bar per sampling node when stderr is a TTY, else lines."""
 
-    def __init__(self, explain: bool, stream: Any = sys.stderr) -> None:
+    def __init__(self, explain: bool, stream: Any = None) -> None:
         self.explain = explain
-        self.stream = stream
+        self.stream = stream if stream is not None else sys.stderr
         self.tty = hasattr(stream, "isatty") and stream.isatty()
         self.bar: Any = None
 
