@@ -1,0 +1,223 @@
+"""ModelPatcher: recording, fp32 accumulation, bit-exact restore, clones, delta cache, attention hooks."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from diffusion.demo import tiny_components
+from diffusion.lora_weights import LoHa, LoRA
+from diffusion.model import DiffusionModel
+from diffusion.patcher import DELTA_CACHE, ModelPatcher, WeightPatch
+
+
+def small_module(dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(16, 24), torch.nn.Conv2d(4, 8, 3), torch.nn.Linear(24, 8))
+    return m.to(dtype)
+
+
+def snapshot(m: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in m.state_dict().items()}
+
+
+def bit_equal(m: torch.nn.Module, ref: dict[str, torch.Tensor]) -> bool:
+    sd = m.state_dict()
+    return all(torch.equal(sd[k], v) and sd[k].dtype == v.dtype for k, v in ref.items())
+
+
+def lora_for(shape: tuple[int, ...], seed: int, rank: int = 2) -> LoRA:
+    g = torch.Generator().manual_seed(seed)
+    out, rest = shape[0], shape[1:]
+    n_in = 1
+    for s in rest:
+        n_in *= s
+    return LoRA(up=torch.randn(out, rank, generator=g), down=torch.randn(rank, n_in, generator=g) * 0.1,
+                alpha=1.0)
+
+
+def test_patch_accumulates_and_unpatch_restores_bitwise():
+    m = small_module()
+    ref = snapshot(m)
+    p = ModelPatcher(m, "cpu", "cpu")
+    a, b = lora_for((24, 16), 1), lora_for((24, 16), 2)
+    q = p.clone()
+    assert q.add_patches({"0.weight": a, "missing.weight": a}, 0.5, "a") == ["0.weight"]
+    q.add_patches({"0.weight": b, "1.weight": lora_for((8, 4, 3, 3), 3)}, -2.0, "b")
+    assert bit_equal(m, ref)                           # recording touches nothing
+    q.patch_model()
+    want = ref["0.weight"] + 0.5 * a.delta(ref["0.weight"]) - 2.0 * b.delta(ref["0.weight"])
+    assert (m[0].weight - want).abs().max() <= 1e-6
+    assert not torch.equal(m[1].weight, ref["1.weight"])
+    q.unpatch_model()
+    assert bit_equal(m, ref)
+    assert not p.patches                               # the clone's records stayed in the clone
+
+
+def test_fp16_weights_accumulate_in_fp32_and_store_in_fp16():
+    m = small_module(torch.float16)
+    ref = snapshot(m)
+    ad = lora_for((24, 16), 4)
+    p = ModelPatcher(m, "cpu", "cpu")
+    p.add_patches({"0.weight": ad}, 0.3, "x")
+    p.patch_model()
+    want = (ref["0.weight"].float() + 0.3 * ad.delta(ref["0.weight"].float())).half()
+    assert m[0].weight.dtype == torch.float16
+    assert torch.equal(m[0].weight.data, want)
+    p.unpatch_model()
+    assert bit_equal(m, ref)
+
+
+def test_strength_zero_is_an_exact_noop_and_keeps_the_fingerprint():
+    m = small_module()
+    ref = snapshot(m)
+    p = ModelPatcher(m, "cpu", "cpu")
+    q = p.clone()
+    q.add_patches({"0.weight": lora_for((24, 16), 5)}, 0.0, "x")
+    assert q.patch_fingerprint() == p.patch_fingerprint()
+    q.patch_model()
+    assert bit_equal(m, ref) and not q.is_patched()
+
+
+def test_stacking_order_does_not_matter_beyond_rounding():
+    m = small_module()
+    a, b = lora_for((24, 16), 6), lora_for((24, 16), 7)
+    p1 = ModelPatcher(m, "cpu", "cpu")
+    p1.add_patches({"0.weight": a}, 0.8, "a")
+    p1.add_patches({"0.weight": b}, -0.4, "b")
+    p2 = ModelPatcher(m, "cpu", "cpu")
+    p2.add_patches({"0.weight": b}, -0.4, "b")
+    p2.add_patches({"0.weight": a}, 0.8, "a")
+    w1 = p1.patch_model()[0].weight.detach().clone()
+    w2 = p2.patch_model()[0].weight.detach().clone()     # switching clones re-patches from the originals
+    p2.unpatch_model()
+    assert (w1 - w2).abs().max() <= 1e-6
+    assert p1.patch_fingerprint() != p2.patch_fingerprint()
+
+
+def test_fingerprint_tracks_model_records_and_strengths():
+    m, m2 = small_module(), small_module()
+    ad = lora_for((24, 16), 8)
+    base = ModelPatcher(m, "cpu", "cpu")
+    a, b, c = base.clone(), base.clone(), base.clone()
+    a.add_patches({"0.weight": ad}, 1.0, "f")
+    b.add_patches({"0.weight": ad}, 1.0, "f")
+    c.add_patches({"0.weight": ad}, 0.9, "f")
+    assert a.patch_fingerprint() == b.patch_fingerprint()
+    assert a.patch_fingerprint() != c.patch_fingerprint()
+    assert base.patch_fingerprint() == base.clone().patch_fingerprint()
+    assert base.patch_fingerprint() != ModelPatcher(m2, "cpu", "cpu").patch_fingerprint()
+    d = base.clone()
+    d.model_options["attn2_kv"] = [lambda k, v: (k, v)]
+    assert d.patch_fingerprint() != base.patch_fingerprint()
+
+
+def test_records_are_frozen_dataclasses():
+    p = ModelPatcher(small_module(), "cpu", "cpu")
+    p.add_patches({"0.weight": torch.zeros(24, 16)}, 1.0, "t")
+    rec = p.patches["0.weight"][0]
+    assert isinstance(rec, WeightPatch)
+    with pytest.raises(AttributeError):
+        rec.strength = 2.0  # type: ignore[misc]
+
+
+def test_100_random_cycles_leave_the_model_bitwise_equal():
+    m = small_module()
+    ref = snapshot(m)
+    shapes = {"0.weight": (24, 16), "1.weight": (8, 4, 3, 3), "2.weight": (8, 24)}
+    g = torch.Generator().manual_seed(9)
+    adapters = {k: [lora_for(s, 10 + i + 3 * j) for j in range(2)] for i, (k, s) in enumerate(shapes.items())}
+    adapters["2.weight"].append(LoHa(torch.randn(8, 2, generator=g), torch.randn(2, 24, generator=g),
+                                     torch.randn(8, 2, generator=g), torch.randn(2, 24, generator=g), alpha=1.0))
+    rng = random.Random(0)
+    base = ModelPatcher(m, "cpu", "cpu")
+    for _ in range(100):
+        p = base.clone()
+        expected = {k: ref[k].clone() for k in shapes}
+        for k, ads in adapters.items():
+            for ad in ads:
+                if rng.random() < 0.6:
+                    s = rng.choice([0.0, 1.0, -1.0, rng.uniform(-2, 2)])
+                    p.add_patches({k: ad}, s, f"{k}{id(ad)}")
+                    expected[k] = expected[k] + s * ad.delta(ref[k])
+        p.patch_model()
+        for k in shapes:
+            assert (dict(m.named_parameters())[k] - expected[k]).abs().max() <= 1e-5
+        if rng.random() < 0.5:
+            p.unpatch_model()
+            assert bit_equal(m, ref)
+    base.unpatch_model()
+    assert bit_equal(m, ref)
+
+
+def test_strength_change_reuses_cached_deltas():
+    m = small_module()
+    g = torch.Generator().manual_seed(11)
+    loha = LoHa(torch.randn(8, 2, generator=g), torch.randn(2, 24, generator=g), torch.randn(8, 2, generator=g),
+                torch.randn(2, 24, generator=g), alpha=1.0)
+    base = ModelPatcher(m, "cpu", "cpu")
+    p1 = base.clone()
+    p1.add_patches({"2.weight": loha}, 1.0, "h")
+    p1.patch_model()
+    hits = DELTA_CACHE.hits
+    p2 = base.clone()
+    p2.add_patches({"2.weight": loha}, 0.25, "h")
+    p2.patch_model()
+    assert DELTA_CACHE.hits == hits + 1
+    w0 = base.clone()
+    w0.patch_model()
+    ref = m[2].weight.detach().clone()
+    p2.patch_model()
+    assert (m[2].weight - (ref + 0.25 * loha.delta(ref))).abs().max() <= 1e-6
+    base.unpatch_model()
+
+
+# ----------------------------------------------------------------------------------------- hooks
+
+
+@pytest.fixture(scope="module")
+def tiny_unet() -> DiffusionModel:
+    c = tiny_components("sd1", seed=1)
+    return DiffusionModel(c.unet, c.family, "eps")
+
+
+def run_unet(model: DiffusionModel) -> torch.Tensor:
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(1, 4, 8, 8, generator=g)
+    ctx = torch.randn(1, 5, 32, generator=g)
+    with torch.no_grad():
+        return model.apply_model(x, torch.tensor([500.0]), ctx)
+
+
+def test_attn2_kv_hook_is_installed_and_removed(tiny_unet):
+    base = ModelPatcher(tiny_unet, "cpu", "cpu")
+    before = run_unet(tiny_unet)
+    procs = {n: m.processor for n, m in tiny_unet.named_modules() if n.endswith("attn2")}
+    hooked = base.clone()
+    hooked.model_options["attn2_kv"] = [lambda k, v: (k * 2.0, v), lambda k, v: (k, v * 0.5)]
+    hooked.patch_model()
+    got = run_unet(tiny_unet)
+    hooked.unpatch_model()
+    assert {n: m.processor for n, m in tiny_unet.named_modules() if n.endswith("attn2")} == procs
+    assert torch.equal(run_unet(tiny_unet), before)
+    # the same effect by hand: to_k weights doubled, to_v weights halved (no biases in SD attn2)
+    scaled = base.clone()
+    for n, mod in tiny_unet.named_modules():
+        if n.endswith("attn2"):
+            scaled.add_patches({f"{n}.to_k.weight": mod.to_k.weight.detach().clone()}, 1.0, "x2")
+            scaled.add_patches({f"{n}.to_v.weight": mod.to_v.weight.detach().clone()}, -0.5, "x.5")
+    scaled.patch_model()
+    want = run_unet(tiny_unet)
+    scaled.unpatch_model()
+    assert (got - want).abs().max() <= 1e-5
+    assert (got - before).abs().max() > 1e-4
+
+
+def test_identity_hook_keeps_the_output(tiny_unet):
+    p = ModelPatcher(tiny_unet, "cpu", "cpu")
+    before = run_unet(tiny_unet)
+    p.model_options["attn2_kv"] = [lambda k, v: (k, v)]
+    p.patch_model()
+    assert (run_unet(tiny_unet) - before).abs().max() <= 1e-6
+    p.unpatch_model()
