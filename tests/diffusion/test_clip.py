@@ -1,6 +1,7 @@
 """The CLIP value on tiny seeded text encoders: hidden-state choice, weights, chunks, SDXL, embeddings."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import pytest
@@ -21,8 +22,14 @@ class Emb:
     vectors: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+@functools.lru_cache(maxsize=None)
+def _components(family: str):
+    return tiny_components(family, seed=1)
+
+
 def make_clip(family: str, **kw: object) -> CLIP:
-    c = tiny_components(family, seed=1)
+    """A CLIP on the shared seeded encoders of `family` (tests that patch weights use clones)."""
+    c = _components(family)
     return CLIP(c.text_encoders, c.family, "cpu", "cpu", **kw)
 
 
@@ -255,3 +262,19 @@ def test_bad_inputs(sd1: CLIP) -> None:
         sd1.encode_token_chunks({"l": [[(BOS, 1.0), (EOS, 1.0)]]})
     with pytest.raises(ValueError, match="missing"):
         sd1.encode_token_chunks({"g": []})
+
+
+@pytest.mark.parametrize("family", ["sd2", "sdxl"])
+def test_clip_from_a_loaded_checkpoint_encodes_like_the_original(family: str, tmp_path) -> None:
+    from diffusion.checkpoint import load_checkpoint
+    from diffusion.demo import write_ldm_checkpoint
+
+    comps = tiny_components(family, seed=4)
+    write_ldm_checkpoint(comps, tmp_path / "m.safetensors")
+    _, loaded, _ = load_checkpoint(tmp_path / "m.safetensors")
+    ref = CLIP(comps.text_encoders, comps.family)
+    text = "a (fox:1.3) in the snow, " + "tree " * 80
+    (a, ea), (b, eb) = loaded.encode(text)[0], ref.encode(text)[0]
+    assert a.shape == b.shape == (1, 154, sum(m.config.hidden_size for m in comps.text_encoders.values()))
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ea["pooled_output"], eb["pooled_output"], rtol=0, atol=1e-5)
