@@ -18,7 +18,7 @@ import traceback
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from . import events as ev
 from .cache import CacheEntry, OutputCache
@@ -27,7 +27,6 @@ from .explain import NodeRecord, explain
 from .nodespec import NodeRegistry, NodeSpec, SpecTable
 from .runtime import CURRENT_RUNTIME, Interrupted, NodeRuntime, running
 from .validate import validate_prompt
-from .workflow import as_link
 
 HIDDEN_FROM_EXTRA = {"EXTRA_PNGINFO": "extra_pnginfo", "AUTH_TOKEN_COMFY_ORG": "auth_token_comfy_org",
                      "API_KEY_COMFY_ORG": "api_key_comfy_org", "COMFY_USAGE_SOURCE": "comfy_usage_source"}
@@ -59,8 +58,9 @@ class RunResult:
         return self.status == "success"
 
 
-@dataclass(frozen=True)
-class _Link:
+class _Link(NamedTuple):
+    """One linked input (a NamedTuple: built for every link of every node, so it must be cheap)."""
+
     name: str
     source: str
     slot: int
@@ -121,6 +121,7 @@ class _Run:
         self.cache = ex.cache
         self.result = RunResult(prompt_id, "success", validation=report)
         self.links: dict[str, list[_Link]] = {}
+        self.node_specs: dict[str, NodeSpec] = {}
         self.sigs: dict[str, str] = {}
         self.out_sigs: dict[str, tuple[str, ...] | None] = {}    # None: provisional "<sig>:<slot>"
         self.diverged: set[str] = set()     # resolved nodes whose output sigs differ from provisional
@@ -135,9 +136,12 @@ class _Run:
 
     # -- signatures ------------------------------------------------------------------------------
     def spec(self, node_id: str) -> NodeSpec:
-        spec = self.specs.get(str(self.prompt[node_id]["class_type"]))
-        if spec is None:  # validation guarantees it
-            raise KeyError(node_id)
+        spec = self.node_specs.get(node_id)
+        if spec is None:
+            spec = self.specs.get(str(self.prompt[node_id]["class_type"]))
+            if spec is None:  # validation guarantees it
+                raise KeyError(node_id)
+            self.node_specs[node_id] = spec
         return spec
 
     def node_links(self, node_id: str) -> list[_Link]:
@@ -147,13 +151,14 @@ class _Run:
         return self._read_links(node_id)
 
     def _read_links(self, node_id: str) -> list[_Link]:
-        spec = self.spec(node_id)
+        inputs = self.spec(node_id).inputs
         out = []
         for name, value in self.prompt[node_id].get("inputs", {}).items():
-            ispec = spec.inputs.get(name)
-            link = as_link(value)
-            if ispec is not None and link is not None:
-                out.append(_Link(name, link.source, link.slot, ispec.lazy))
+            # inlined graph.workflow.is_link: this runs once per input of every node
+            if type(value) is list and len(value) == 2 and type(value[0]) is str and name in inputs:
+                slot = value[1]
+                if isinstance(slot, (int, float)) and not isinstance(slot, bool):
+                    out.append(_Link(name, value[0], int(slot), inputs[name].lazy))
         self.links[node_id] = out
         return out
 

@@ -7,12 +7,12 @@ that changed, or says the entry was evicted.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 
-@dataclass(frozen=True)
-class NodeRecord:
+class NodeRecord(NamedTuple):
+    """What a node's signature was made of (a NamedTuple: one is built per node per run)."""
+
     class_type: str
     literals: Mapping[str, Any]
     links: Mapping[str, tuple[str, str]]   # input name -> (source node id, output signature)
