@@ -13,6 +13,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 from collections import OrderedDict
@@ -249,6 +250,8 @@ class LoraCoverage:
     clip_weights: int                          # parameters patched in CLIP
     skipped_text_encoder: int                  # text-encoder keys ignored because no CLIP was given
     unmatched: tuple[tuple[str, str], ...]     # (file key, reason)
+    family_hint: str | None = None             # "it seems to be a LoRA for sdxl (...)" when that differs
+
 
     @property
     def unmatched_keys(self) -> list[str]:
@@ -258,7 +261,7 @@ class LoraCoverage:
         return {"file": self.file, "total_keys": self.total_keys, "matched_keys": self.matched_keys,
                 "unmatched_count": len(self.unmatched), "model_weights": self.model_weights,
                 "clip_weights": self.clip_weights, "skipped_text_encoder": self.skipped_text_encoder,
-                "unmatched_keys": [k for k, _ in self.unmatched[:limit]],
+                "unmatched_keys": [k for k, _ in self.unmatched[:limit]], "family_hint": self.family_hint,
                 "unmatched_reasons": sorted({r for _, r in self.unmatched})[:limit]}
 
 
@@ -338,10 +341,15 @@ def load_lora(model: ModelPatcher | None, clip: Any | None, path: str | os.PathL
     clip_patcher = None if clip is None else clip.patcher
     res = resolve_lora(lf, model, clip_patcher, name)
     cov = res.coverage
+    ours = _family_name(getattr(model, "model", None)) if model is not None else None
+    ours = ours or (_family_name(clip) if clip is not None else None) or "loaded"
+    if cov.unmatched:
+        fam, why = guess_lora_family(lf)
+        if fam is not None and fam != ours and ours != "loaded":
+            cov = dataclasses.replace(cov, family_hint=f"it seems to be a LoRA for {fam} ({why}), "
+                                                       f"not for this {ours} model")
     if cov.matched_keys == 0:
         fam, why = guess_lora_family(lf)
-        ours = _family_name(getattr(model, "model", None)) if model is not None else None
-        ours = ours or (_family_name(clip) if clip is not None else None) or "loaded"
         if fam is not None and fam != ours:
             hint = f"it seems to be a LoRA for {fam} ({why})"
         elif fam is not None:

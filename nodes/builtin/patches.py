@@ -25,8 +25,9 @@ def _report(name: str, coverage: LoraCoverage) -> None:
         record("lora_coverage", coverage.as_dict())
     if coverage.unmatched:
         n = len(coverage.unmatched)
+        hint = f"; {coverage.family_hint}" if coverage.family_hint else ""
         rt.warn(f"LoRA {name}: {n} of {coverage.total_keys} keys were not applied "
-                f"(e.g. {coverage.unmatched[0][0]}: {coverage.unmatched[0][1]})",
+                f"(e.g. {coverage.unmatched[0][0]}: {coverage.unmatched[0][1]}){hint}",
                 {"type": "lora_keys_unmatched", "lora": name, **coverage.as_dict()})
 
 
