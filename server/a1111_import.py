@@ -64,7 +64,7 @@ LATENT_UPSCALERS = {"latent": "bilinear", "latent (antialiased)": "bilinear", "l
 # Fields read by the importer, and fields that carry no picture-changing information.
 USED = {"steps", "sampler", "schedule type", "cfg scale", "seed", "size", "model", "model hash",
         "clip skip", "denoising strength", "hires upscale", "hires resize-1", "hires resize-2",
-        "hires steps", "hires upscaler", "vae"}
+        "hires steps", "hires upscaler", "hires sampler", "hires schedule type", "hires cfg scale", "vae"}
 IGNORED = {"version", "model hash", "vae hash", "lora hashes", "ti hashes", "hashes", "hypernet hashes", "app"}
 
 
@@ -276,9 +276,15 @@ def import_a1111(parameters: str | A1111Parameters, checkpoints: Sequence[str] =
         g["8"] = {"class_type": "LatentUpscale", "inputs": {"samples": latent, "upscale_method": method,
                                                             "width": hw // 8 * 8, "height": hh // 8 * 8,
                                                             "crop": "disabled"}}
+        h_sampler, h_scheduler = sampler, scheduler
+        if "hires sampler" in lower or "hires schedule type" in lower:
+            h_sampler, h_scheduler, n = map_sampler(lower.get("hires sampler", lower.get("sampler")),
+                                                    lower.get("hires schedule type", lower.get("schedule type")))
+            notes += n
         g["9"] = {"class_type": "KSampler",
-                  "inputs": {"seed": seed, "steps": _int(s, "Hires steps", 0) or steps, "cfg": cfg,
-                             "sampler_name": sampler, "scheduler": scheduler,
+                  "inputs": {"seed": seed, "steps": _int(s, "Hires steps", 0) or steps,
+                             "cfg": _float(s, "Hires CFG Scale", cfg),
+                             "sampler_name": h_sampler, "scheduler": h_scheduler,
                              "denoise": _float(s, "Denoising strength", 0.7), "model": ["3", 0],
                              "positive": ["3", 2], "negative": ["3", 3], "latent_image": ["8", 0]}}
         latent = ["9", 0]

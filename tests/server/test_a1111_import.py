@@ -112,6 +112,7 @@ def test_hires_fix_vae_and_model_fallbacks() -> None:
                                  "crop": "disabled"}}
     assert g["9"]["inputs"]["denoise"] == 0.45 and g["9"]["inputs"]["steps"] == 6
     assert g["9"]["inputs"]["latent_image"] == ["8", 0]
+    assert (g["9"]["inputs"]["sampler_name"], g["9"]["inputs"]["scheduler"]) == ("euler_ancestral", "normal")
     assert g["10"] == {"class_type": "VAELoader", "inputs": {"vae_name": "kl-f8.safetensors"}}
     assert g["6"]["inputs"] == {"samples": ["9", 0], "vae": ["10", 0]}
     assert g["1"]["inputs"]["ckpt_name"] == "a.safetensors"
@@ -152,3 +153,12 @@ def test_a1111_to_api_matches_against_folders_and_logs_unknowns(tmp_path: Path,
         prompt = a1111_to_api(REALISTIC, ModelFolders(tmp_path))
     assert prompt["1"]["inputs"]["ckpt_name"] == "v1-5-pruned-emaonly.safetensors"
     assert "ENSD" in caplog.text
+
+
+def test_hires_sampler_and_cfg_override_the_first_pass() -> None:
+    text = ("x\nSteps: 8, Sampler: Euler a, CFG scale: 7, Size: 64x64, Denoising strength: 0.5, Hires upscale: 2, "
+            "Hires upscaler: Latent, Hires sampler: DPM++ 2M, Hires schedule type: Exponential, Hires CFG Scale: 4")
+    g = import_a1111(text).prompt
+    assert (g["5"]["inputs"]["sampler_name"], g["5"]["inputs"]["cfg"]) == ("euler_ancestral", 7.0)
+    assert g["9"]["inputs"]["sampler_name"] == "dpmpp_2m" and g["9"]["inputs"]["scheduler"] == "exponential"
+    assert g["9"]["inputs"]["cfg"] == 4.0 and g["8"]["inputs"]["upscale_method"] == "bilinear"
