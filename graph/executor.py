@@ -26,7 +26,8 @@ from .errors import ValidationReport
 from .explain import NodeRecord, explain
 from .nodespec import NodeRegistry, NodeSpec, SpecTable
 from .runtime import CURRENT_RUNTIME, Interrupted, NodeRuntime, running
-from .validate import validate_prompt
+from .validate import validate_node, validate_prompt
+from .workflow import is_link
 
 HIDDEN_FROM_EXTRA = {"EXTRA_PNGINFO": "extra_pnginfo", "AUTH_TOKEN_COMFY_ORG": "auth_token_comfy_org",
                      "API_KEY_COMFY_ORG": "api_key_comfy_org", "COMFY_USAGE_SOURCE": "comfy_usage_source"}
@@ -116,7 +117,10 @@ class _Run:
 
     def __init__(self, ex: Executor, prompt: Mapping[str, Mapping[str, Any]], prompt_id: str,
                  extra_data: dict[str, Any], specs: SpecTable, report: ValidationReport) -> None:
-        self.ex, self.prompt, self.prompt_id, self.extra = ex, prompt, prompt_id, extra_data
+        self.ex, self.prompt_id, self.extra = ex, prompt_id, extra_data
+        self.original = prompt                   # what PROMPT hidden inputs receive
+        self.prompt: dict[str, Mapping[str, Any]] = dict(prompt)   # grows with node expansions
+        self.expanding: dict[str, _Expansion] = {}
         self.specs, self.report = specs, report
         self.cache = ex.cache
         self.result = RunResult(prompt_id, "success", validation=report)
@@ -275,6 +279,15 @@ class _Run:
             if node_id in self.resolved:
                 stack.pop()
                 continue
+            expansion = self.expanding.get(node_id)
+            if expansion is not None:
+                missing = [n for n in expansion.waits if n not in self.resolved]
+                if missing:
+                    stack.extend(reversed(missing))
+                else:
+                    self.finish_expansion(node_id, expansion)
+                    stack.pop()
+                continue
             if self.ex._interrupt:
                 exc = Interrupted("interrupted")
                 exc.node_id = node_id  # type: ignore[attr-defined]
@@ -301,8 +314,8 @@ class _Run:
                     self.take_cached(node_id, entry, node_id in outputs, announced)
                     stack.pop()
                     continue
-            self.run_node(node_id, spec, requested.get(node_id, set()))
-            stack.pop()
+            if self.run_node(node_id, spec, requested.get(node_id, set())):
+                stack.pop()
 
     def take_cached(self, node_id: str, entry: CacheEntry, is_output: bool, announced: set[str]) -> None:
         self.resolved[node_id] = entry
@@ -325,7 +338,7 @@ class _Run:
         out: dict[str, Any] = {}
         for name, kind in spec.hidden.items():
             if kind == "PROMPT":
-                out[name] = self.prompt
+                out[name] = self.original
             elif kind == "UNIQUE_ID":
                 out[name] = node_id
             elif kind in HIDDEN_FROM_EXTRA:
@@ -397,7 +410,8 @@ class _Run:
                 "current_outputs": list(self.resolved), "timestamp": ev.timestamp_ms(), "phase": what,
             }) from exc
 
-    def run_node(self, node_id: str, spec: NodeSpec, wanted: set[str]) -> None:
+    def run_node(self, node_id: str, spec: NodeSpec, wanted: set[str]) -> bool:
+        """Run a node; False when it expanded into new nodes that must run before it resolves."""
         sig = self.sigs[node_id]
         reasons = explain(self.prev_records.get(node_id), self.ex._records[node_id],
                           sig in self.cache.evicted, node_id in self.always)
@@ -430,6 +444,14 @@ class _Run:
                 calls = [{k: v[min(i, len(v) - 1)] for k, v in inputs.items()} | hidden for i in range(count)]
             for kwargs in calls:
                 result = self.call(node_id, spec, fn, kwargs, spec.function)
+                if isinstance(result, dict) and result.get("expand") is not None:
+                    if len(calls) != 1:
+                        raise self.failure(node_id, spec, "TypeError",
+                                           f"{spec.class_type} expanded into new nodes while mapped over a list; "
+                                           "Easel expands only single calls")
+                    self.result.executed.append(node_id)
+                    self.add_expansion(node_id, spec, result)
+                    return False
                 values, part_ui = _split_result(result, spec)
                 if part_ui is not None:
                     ui = _merge_ui(ui, part_ui)
@@ -452,12 +474,103 @@ class _Run:
                 self.result.outputs[node_id] = ui
             self.emit(ev.EXECUTED, {"node": node_id, "display_node": node_id, "output": ui,
                                     "prompt_id": self.prompt_id})
+        return True
+
+    # -- node expansion (protocol.md 6.7) --------------------------------------------------------
+    def failure(self, node_id: str, spec: NodeSpec, kind: str, message: str) -> NodeExecutionError:
+        return NodeExecutionError({
+            "prompt_id": self.prompt_id, "node_id": node_id, "node_type": spec.class_type,
+            "executed": list(self.result.executed), "exception_message": message, "exception_type": kind,
+            "traceback": [], "current_inputs": {}, "current_outputs": list(self.resolved),
+            "timestamp": ev.timestamp_ms()})
+
+    def add_expansion(self, node_id: str, spec: NodeSpec, result: dict[str, Any]) -> None:
+        """Add the nodes a node returned under "expand"; it resolves once they have run."""
+        graph = result["expand"]
+        if not isinstance(graph, Mapping):
+            raise self.failure(node_id, spec, "TypeError", f"{spec.class_type} returned an expansion that is not a graph")
+        rename = {str(old): (str(old) if str(old).startswith(f"{node_id}.") else f"{node_id}.{old}") for old in graph}
+        report = ValidationReport()
+        for old, node in graph.items():
+            new = rename[str(old)]
+            if new in self.prompt:
+                raise self.failure(node_id, spec, "ValueError", f"expanded node id {new!r} is already in the prompt")
+            inputs = {name: ([rename.get(v[0], v[0]), v[1]] if is_link(v) else v)
+                      for name, v in (node.get("inputs") or {}).items()}
+            self.prompt[new] = {"class_type": node.get("class_type"), "inputs": inputs}
+        new_ids = [rename[str(old)] for old in graph]
+        for new in new_ids:
+            new_spec = self.specs.get(str(self.prompt[new]["class_type"]))
+            if new_spec is None:
+                raise self.failure(node_id, spec, "ValueError",
+                                   f"expanded node {new} has unknown class {self.prompt[new]['class_type']!r}")
+            validate_node(new, self.prompt[new], new_spec, self.prompt, self.specs, report)
+        if report.node_errors:
+            raise self.failure(node_id, spec, "ValueError", f"{spec.class_type} expanded into invalid nodes:\n"
+                               + report.describe())
+        self.report.literals.update(report.literals)
+        records = self.ex._records
+        for new in self.order_of(new_ids):
+            new_spec = self.spec(new)
+            sig, record = self.signature(new, new_spec, self.is_changed(new, new_spec))
+            self.sigs[new] = sig
+            self.prev_records[new] = records.get(new)
+            records[new] = record
+        values = tuple(result.get("result") or ())
+        results = tuple(_Link("", rename.get(v[0], v[0]), int(v[1]), False) if is_link(v) else v for v in values)
+        waits = [r.source for r in results if isinstance(r, _Link)]
+        waits += [n for n in new_ids if self.spec(n).output_node and n not in waits]
+        self.expanding[node_id] = _Expansion(results, result.get("ui"), waits)
+
+    def order_of(self, node_ids: list[str]) -> list[str]:
+        """A topological order of some new nodes (links among them only), iteratively."""
+        members, order, seen = set(node_ids), [], set()
+        for root in node_ids:
+            if root in seen:
+                continue
+            seen.add(root)
+            stack = [(root, iter(self.node_links(root)))]
+            while stack:
+                current, it = stack[-1]
+                for link in it:
+                    if link.source in members and link.source not in seen:
+                        seen.add(link.source)
+                        stack.append((link.source, iter(self.node_links(link.source))))
+                        break
+                else:
+                    stack.pop()
+                    order.append(current)
+        return order
+
+    def finish_expansion(self, node_id: str, expansion: _Expansion) -> None:
+        del self.expanding[node_id]
+        sig = self.sigs[node_id]
+        outputs, out_sigs = [], []
+        for slot, item in enumerate(expansion.results):
+            if isinstance(item, _Link):
+                outputs.append(self.resolved[item.source].outputs[item.slot])
+                out_sigs.append(self.out_sig(item.source, item.slot))
+            else:
+                outputs.append([item])
+                out_sigs.append(f"{sig}:{slot}")
+        self.out_sigs[node_id] = tuple(out_sigs)
+        self.diverged.add(node_id)
+        self.resolved[node_id] = self.cache.put(sig, tuple(outputs), tuple(out_sigs), expansion.ui)
+        if expansion.ui is not None:
+            self.result.outputs[node_id] = expansion.ui
+            self.emit(ev.EXECUTED, {"node": node_id, "display_node": node_id, "output": expansion.ui,
+                                    "prompt_id": self.prompt_id})
+
+
+@dataclass(frozen=True)
+class _Expansion:
+    results: tuple[Any, ...]        # per output: a _Link into the new nodes, or a value
+    ui: dict[str, Any] | None
+    waits: list[str]                # new nodes that must resolve first
 
 
 def _split_result(result: Any, spec: NodeSpec) -> tuple[Sequence[Any], dict[str, Any] | None]:
     if isinstance(result, dict):
-        if "expand" in result:
-            raise TypeError(f"{spec.class_type} returned a node expansion, which Easel does not run yet")
         ui = result.get("ui")
         values = result.get("result", ())
         return tuple(values) if values is not None else (), ui

@@ -8,7 +8,7 @@ hidden companion value (the `control_after_generate` mode after a seed, the uplo
 an image combo) that is stored in `widgets_values` but never sent.
 
 Rules (workflows.md section 3):
-- PrimitiveNode pushes its value into the widget of every input it feeds; it is never sent.
+- PrimitiveNode's value becomes the literal of every input it feeds; it is never sent.
 - Reroute is followed to its own source; Note and MarkdownNote are dropped; groups are drawing only.
 - mode 2 (muted): not sent, consumers lose that input; mode 4 (bypassed): not sent, consumers are
   rewired to one of its inputs chosen by type.
@@ -272,8 +272,6 @@ class _Converter:
         self.root = _parse_graph(workflow, "workflow")
         self.subgraphs: dict[str, Graph] = {}
         _collect_subgraphs(workflow, self.subgraphs)
-        # record id -> {input name: literal} pushed in by PrimitiveNodes and promoted widgets
-        self.overrides: dict[str, dict[str, Any]] = {}
 
     # -- resolution --------------------------------------------------------------------------
 
@@ -308,8 +306,14 @@ class _Converter:
                        seen: frozenset[tuple[str, int]]) -> object:
         mode = node.get("mode", 0)
         ntype = node.get("type")
-        if mode == MODE_MUTED or ntype in IGNORED_TYPES or ntype == "PrimitiveNode":
-            return None     # a Primitive's value was already pushed into the target widget
+        if mode == MODE_MUTED or ntype in IGNORED_TYPES:
+            return None
+        if ntype == "PrimitiveNode":
+            # applyToGraph: the value goes into the widget of whatever it feeds, through reroutes,
+            # bypassed nodes and subgraph inputs alike.
+            values = node.get("widgets_values")
+            values = list(values.values()) if isinstance(values, dict) else values
+            return Literal(values[0]) if values else None
         if mode == MODE_BYPASS:
             idx = _bypass_input(node, slot, target_type)
             if idx is None:
@@ -372,45 +376,6 @@ class _Converter:
 
     # -- emission ----------------------------------------------------------------------------
 
-    def apply_primitives(self, frame: Frame) -> None:
-        """PrimitiveNode.applyToGraph: copy its value into each widget it feeds (through reroutes)."""
-        for node in frame.graph.nodes.values():
-            if node.get("type") != "PrimitiveNode" or node.get("mode", 0) == MODE_MUTED:
-                continue
-            values = node.get("widgets_values")
-            if isinstance(values, dict):
-                values = list(values.values())
-            if not values:
-                continue
-            for link_id in self.output_links(node):
-                self.push_value(frame, link_id, values[0], set())
-        for node in frame.graph.nodes.values():
-            sub = self.subgraphs.get(str(node.get("type")))
-            if sub is not None and node.get("mode", 0) not in (MODE_MUTED, MODE_BYPASS):
-                self.apply_primitives(Frame(sub, (*frame.path, str(node["id"])), frame, dict(node)))
-
-    @staticmethod
-    def output_links(node: Mapping[str, Any]) -> list[Any]:
-        return [lid for out in node.get("outputs") or [] for lid in (out.get("links") or [])]
-
-    def push_value(self, frame: Frame, link_id: Any, value: Any, seen: set[Any]) -> None:
-        if link_id in seen:
-            return
-        seen.add(link_id)
-        link = frame.graph.links.get(int(link_id))
-        target = frame.graph.nodes.get(link.target_id) if link else None
-        if link is None or target is None:
-            return
-        if target.get("type") == "Reroute":
-            for lid in self.output_links(target):
-                self.push_value(frame, lid, value, seen)
-            return
-        inputs = target.get("inputs") or []
-        if link.target_slot < len(inputs):
-            inp = inputs[link.target_slot]
-            name = inp["widget"].get("name") if isinstance(inp.get("widget"), dict) else inp.get("name")
-            self.overrides.setdefault(frame.record_id(target["id"]), {})[name] = value
-
     def emit_graph(self, frame: Frame, prompt: dict[str, Any]) -> None:
         for nid, node in frame.graph.nodes.items():
             ntype = str(node.get("type"))
@@ -436,8 +401,6 @@ class _Converter:
         inputs: dict[str, Any] = {}
         for name, value in map_widget_values(node, definition).items():
             inputs[name] = {"__value__": value} if isinstance(value, list) else value
-        for name, value in self.overrides.get(rid, {}).items():
-            inputs[name] = {"__value__": value} if isinstance(value, list) else value
         for index, inp in enumerate(node.get("inputs") or []):
             if inp.get("link") is None:
                 continue
@@ -462,7 +425,7 @@ class _Converter:
 
 @dataclass(frozen=True)
 class Literal:
-    """A constant reached through a subgraph input that is promoted as a widget."""
+    """A constant reached through a link: a PrimitiveNode's value or a promoted subgraph widget."""
 
     value: Any
 
@@ -477,7 +440,6 @@ def ui_to_api(workflow: Mapping[str, Any], definitions: Mapping[str, Mapping[str
                               "subgraphs in a current ComfyUI frontend first")
     conv = _Converter(workflow, definitions)
     root = Frame(conv.root, ())
-    conv.apply_primitives(root)
     prompt: dict[str, Any] = {}
     conv.emit_graph(root, prompt)
     # A link whose source was not emitted (e.g. an unknown virtual node) is dropped.

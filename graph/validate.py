@@ -86,7 +86,7 @@ def _check_literal(spec: InputSpec, value: Any, node: NodeSpec) -> tuple[Any, In
     return value, None
 
 
-def _validate_node(node_id: str, node: Mapping[str, Any], spec: NodeSpec,
+def validate_node(node_id: str, node: Mapping[str, Any], spec: NodeSpec,
                    prompt: Mapping[str, Mapping[str, Any]], specs: SpecTable,
                    report: ValidationReport) -> None:
     inputs = node.get("inputs", {})
@@ -241,7 +241,7 @@ def validate_prompt(prompt: Mapping[str, Mapping[str, Any]], specs: SpecTable,
     for node_id in needed:
         spec = specs.get(str(prompt[node_id]["class_type"]))
         if spec is not None:
-            _validate_node(node_id, prompt[node_id], spec, prompt, specs, report)
+            validate_node(node_id, prompt[node_id], spec, prompt, specs, report)
     for cycle in _cycles(prompt, needed):
         path = cycle + [cycle[0]]
         details = " -> ".join(f"{n} ({prompt[n]['class_type']})" for n in path)

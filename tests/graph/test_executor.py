@@ -292,3 +292,33 @@ def test_cache_bounds_evict_and_explain(registry: Registry, log: EventLog) -> No
     result = executor.run(prompt, targets=["3"])
     assert "3" in log.executed_nodes()
     assert any("evicted" in r for r in result.explanations["3"])
+
+
+def test_node_expansion_runs_the_new_nodes(executor: Executor, log: EventLog) -> None:
+    prompt = {"1": {"class_type": "AddTimes", "inputs": {"a": 10, "b": 3, "times": 4}},
+              "2": {"class_type": "Sink", "inputs": {"value": ["1", 0]}},
+              "3": {"class_type": "Sink", "inputs": {"value": ["1", 1]}}}
+    result = executor.run(prompt)
+    assert result.ok, result.error
+    assert result.outputs["2"] == {"values": [22]}
+    assert result.outputs["3"] == {"values": ["literal"]}
+    ran = log.executed_nodes()
+    assert ran[0] == "1" and "1.add3" in ran and ran.index("1.add3") < ran.index("2")
+    log.clear()
+    testnodes.CALLS.clear()
+    assert executor.run(prompt).outputs["2"] == {"values": [22]}
+    assert log.executed_nodes() == [] and testnodes.CALLS == []
+    prompt["1"]["inputs"]["times"] = 2
+    assert executor.run(prompt).outputs["2"] == {"values": [16]}
+
+
+def test_invalid_expansion_is_a_node_error(executor: Executor, log: EventLog) -> None:
+    class BadExpand(testnodes.AddTimes):
+        def run(self, a: int, b: int, times: int) -> dict[str, Any]:
+            return {"result": (["x", 0], ""), "expand": {"x": {"class_type": "Add", "inputs": {"a": 1}}}}
+
+    executor.registry.register("BadExpand", BadExpand)
+    result = executor.run({"1": {"class_type": "BadExpand", "inputs": {"a": 1, "b": 1, "times": 1}},
+                           "2": {"class_type": "Sink", "inputs": {"value": ["1", 0]}}})
+    assert result.status == "error"
+    assert result.error["node_id"] == "1" and "Required input is missing" in result.error["exception_message"]

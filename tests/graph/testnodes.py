@@ -216,6 +216,27 @@ class Checked:
         return (value,)
 
 
-NODE_CLASS_MAPPINGS = {cls.__name__: cls for cls in (
+class AddTimes:
+    """Node expansion: adds `b` to `a` `times` times by returning a chain of Add nodes."""
+    CATEGORY = "test"
+    FUNCTION = "run"
+    RETURN_TYPES = ("INT", "STRING")
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        return {"required": {"a": ("INT", {"default": 0}), "b": ("INT", {"default": 1}),
+                             "times": ("INT", {"default": 2, "min": 1, "max": 50})}}
+
+    def run(self, a: int, b: int, times: int) -> dict[str, Any]:
+        CALLS.append(("AddTimes", times))
+        graph: dict[str, Any] = {"c": {"class_type": "Const", "inputs": {"value": a}}}
+        prev = "c"
+        for i in range(times):
+            graph[f"add{i}"] = {"class_type": "Add", "inputs": {"a": [prev, 0], "b": b}}
+            prev = f"add{i}"
+        return {"result": ([prev, 0], "literal"), "expand": graph}
+
+
+NODE_CLASS_MAPPINGS = {cls.__name__: cls for cls in (AddTimes, 
     Const, Add, Mode, Sink, Volatile, Watched, UnhashableChanged, Fanout, SumList, Switch, Boom, Steps, Checked)}
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {}
