@@ -1,0 +1,188 @@
+"""The aiohttp application: `create_app(settings)` wires the pieces, `serve(args)` runs it.
+
+Pieces: `QueueStore` (SQLite under the base directory) restores the queue and history; a
+`Worker` thread runs the `Executor`; the `Hub` owns the websockets; route tables from
+routes_prompt / routes_files / routes_info (each route also under `/api`, protocol.md 1);
+plugin routes from `PromptServer.instance.routes`; the web frontend last.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from graph.cache import OutputCache
+from graph.executor import Executor
+from nodes.folders import ModelFolders
+
+from . import routes_files, routes_info, routes_prompt
+from .frontend import add_frontend, find_web_root
+from .queue_store import MAX_RETRIES, AcceptBatcher, HistoryBook, JobQueue, QueueStore
+from .security import errors_middleware, origin_middleware, token_middleware
+from .settings import STATE, ServerState, Settings
+from .websocket import Hub
+from .worker import Worker, crashed_entry
+
+log = logging.getLogger("easel.server")
+
+
+def add_routes(app: web.Application, defs: Iterable[web.AbstractRouteDef], twin: bool = True,
+               prefix: str = "") -> None:
+    """Add route definitions, each also under `/api` when `twin` (ComfyUI's mechanical copy)."""
+    for route in defs:
+        if not isinstance(route, web.RouteDef):
+            route.register(app.router)
+            continue
+        path = prefix + route.path
+        kwargs = dict(route.kwargs)
+        app.router.add_route(route.method, path, route.handler, **kwargs)
+        if twin and not path.startswith("/api/"):
+            app.router.add_route(route.method, "/api" + path, route.handler, **kwargs)
+
+
+def server_flags(settings: Settings) -> dict[str, Any]:
+    """The feature flags of `GET /features` and the websocket handshake (only what Easel does)."""
+    return {"supports_preview_metadata": True, "max_upload_size": settings.max_upload_size,
+            "extension": {"manager": {"supports_v4": True}}, **settings.feature_flags}
+
+
+def default_registry(settings: Settings) -> Any:
+    from nodes.registry import build_registry
+    plugin_dir = settings.base_dir / "custom_nodes"
+    dirs = [plugin_dir] if settings.plugins and plugin_dir.is_dir() else []
+    return build_registry(plugin_dirs=dirs)
+
+
+def make_folders(settings: Settings) -> ModelFolders:
+    folders = ModelFolders(settings.base_dir)
+    configs = list(settings.extra_model_paths)
+    default_config = settings.base_dir / "extra_model_paths.yaml"
+    if default_config.is_file():
+        configs.append(default_config)
+    if configs:
+        from nodes.extra_paths import apply_extra_paths
+        apply_extra_paths(folders, *configs)
+    for folder in (folders.output_dir, folders.input_dir, folders.temp_dir):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    return folders
+
+
+def _compat() -> Any:
+    try:
+        from .prompt_server_compat import PromptServer
+    except ImportError:
+        return None
+    return PromptServer.instance
+
+
+def restore(store: QueueStore, queue: JobQueue, history: HistoryBook) -> None:
+    """Queue and history from the last run; a job the server died on twice becomes a failure."""
+    jobs, entries = store.load()
+    for prompt_id, entry in entries:
+        history.add(prompt_id, entry)
+        try:
+            queue.bump_counter(float(entry["prompt"][0]))
+        except (KeyError, IndexError, TypeError, ValueError):
+            pass
+    again = []
+    for job in jobs:
+        queue.bump_counter(job.number)
+        if job.attempts > MAX_RETRIES:
+            entry = crashed_entry(job, job.attempts)
+            history.add(job.prompt_id, entry)
+            store.write(store.op_finish(job.prompt_id, entry))
+            log.warning("prompt %s stopped the server %d times; marked failed", job.prompt_id, job.attempts)
+        else:
+            if job.attempts:
+                log.warning("prompt %s was running when the server stopped; running it again", job.prompt_id)
+            again.append(job)
+    queue.put(again)
+
+
+def create_app(settings: Settings, registry: Any = None) -> web.Application:
+    folders = make_folders(settings)
+    registry = registry if registry is not None else default_registry(settings)
+    store = QueueStore(settings.db_path, settings.max_history)
+    queue, history = JobQueue(), HistoryBook(settings.max_history)
+    restore(store, queue, history)
+    flags = server_flags(settings)
+    hub = Hub(flags, lambda: {"exec_info": {"queue_remaining": queue.remaining()}})
+    executor = Executor(registry, OutputCache(), None, folders=folders)
+    compat = _compat()
+
+    def prepare(job: Any) -> None:
+        if settings.demo_files and job.report is None:    # restored jobs; POST did it for the rest
+            from nodes.environment import ensure_demo_files
+            ensure_demo_files(job.prompt, folders)
+
+    worker = Worker(executor, queue, history, store, hub, folders, settings.preview_method, prepare, compat)
+    hub.on_connect = worker.connect_replay
+    batcher = AcceptBatcher(store, queue, hub.send_status)
+    web_root = find_web_root(settings.frontend_root) if settings.frontend else None
+    st = ServerState(settings, registry, folders, executor, queue, history, store, batcher, hub, worker,
+                     flags, compat, web_root)
+
+    middlewares = [errors_middleware, origin_middleware(settings.loopback_only, settings.enable_cors_header),
+                   token_middleware(settings.token)]
+    app = web.Application(middlewares=middlewares, client_max_size=settings.max_upload_size)
+    app[STATE] = st
+    app.router.add_get("/ws", hub.handle)
+    add_routes(app, routes_prompt.routes)
+    add_routes(app, routes_prompt.jobs_routes, twin=False)
+    add_routes(app, routes_files.routes)
+    add_routes(app, routes_info.routes)
+    add_routes(app, routes_info.internal_routes, twin=False, prefix="/internal")
+    app.router.add_get("/templates/{name}", _templates)
+    if compat is not None:
+        try:
+            add_routes(app, compat.take_routes())
+        except Exception:
+            log.exception("adding plugin routes failed")
+    add_frontend(app, web_root, dict(getattr(registry, "web_dirs", {}) or {}))
+
+    async def on_startup(app: web.Application) -> None:
+        hub.loop = asyncio.get_running_loop()
+        if compat is not None:
+            compat.attach(lambda event, data, sid=None: hub.post_threadsafe((event, data, sid)), app)
+        worker.start()
+
+    async def on_shutdown(app: web.Application) -> None:
+        await asyncio.to_thread(worker.stop)
+        await hub.close_all()
+
+    async def on_cleanup(app: web.Application) -> None:
+        if compat is not None:
+            compat.detach()
+        store.close()
+
+    app.on_startup.append(on_startup)
+    app.on_shutdown.append(on_shutdown)
+    app.on_cleanup.append(on_cleanup)
+    return app
+
+
+async def _templates(request: web.Request) -> web.Response:
+    """No workflow-template package is served: the index files are empty JSON, the rest 404."""
+    name = request.match_info["name"]
+    if name.startswith("index") and name.endswith(".json"):
+        return web.json_response({} if name == "index_logo.json" else [])
+    return web.json_response({"error": f"template {name} not found"}, status=404)
+
+
+def serve(args: argparse.Namespace) -> int:
+    """`easel serve`: bind (127.0.0.1 unless --listen) and run until interrupted."""
+    settings = Settings.from_args(args)
+    from nodes.environment import configure_devices
+    configure_devices(cpu=settings.cpu, lowvram=settings.lowvram)
+    app = create_app(settings)
+    if not settings.loopback_only:
+        log.warning("listening on %s: other machines can reach this server%s", settings.host,
+                    "" if settings.token else " (no --token set: anyone who can connect can queue prompts)")
+    web.run_app(app, host=settings.host, port=settings.port, access_log=None,
+                print=lambda _msg: log.info("Easel serving on http://%s:%d", settings.host, settings.port))
+    return 0
