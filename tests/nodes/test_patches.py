@@ -1,0 +1,107 @@
+"""LoraLoader / LoraLoaderModelOnly nodes: files from models/loras (subfolders), warning events for
+unmatched keys, strict mode, strength 0, and outputs that equal a by-hand merge."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from diffusion.clip import CLIP
+from diffusion.demo import tiny_components
+from diffusion.errors import ModelFileError
+from diffusion.model import DiffusionModel
+from diffusion.patcher import ModelPatcher
+from graph.runtime import NodeRuntime, running
+from nodes.builtin.patches import NODE_CLASS_MAPPINGS, LoraLoader, LoraLoaderModelOnly
+from nodes.folders import ModelFolders, use_folders
+
+torch.set_num_threads(2)
+Q = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_q"
+TE = "text_model.encoder.layers.0.self_attn.q_proj"
+
+
+@pytest.fixture()
+def setup(tmp_path: Path):
+    c = tiny_components("sd1", seed=7)
+    model = ModelPatcher(DiffusionModel(c.unet, c.family, "eps"), "cpu", "cpu")
+    clip = CLIP(c.text_encoders, c.family, "cpu", "cpu")
+    g = torch.Generator().manual_seed(8)
+    tensors = {
+        f"lora_unet_{Q.replace('.', '_')}.lora_down.weight": torch.randn(2, 32, generator=g),
+        f"lora_unet_{Q.replace('.', '_')}.lora_up.weight": torch.randn(32, 2, generator=g),
+        f"lora_unet_{Q.replace('.', '_')}.alpha": torch.tensor(1.0),
+        f"lora_te_{TE.replace('.', '_')}.lora_down.weight": torch.randn(2, 32, generator=g),
+        f"lora_te_{TE.replace('.', '_')}.lora_up.weight": torch.randn(32, 2, generator=g),
+    }
+    sub = tmp_path / "models" / "loras" / "styles"
+    sub.mkdir(parents=True)
+    save_file(tensors, str(sub / "good.safetensors"))
+    extra = dict(tensors)
+    extra["lora_unet_not_a_module.lora_down.weight"] = torch.zeros(2, 4)
+    save_file(extra, str(tmp_path / "models" / "loras" / "extra.safetensors"))
+    folders = ModelFolders(tmp_path)
+    with use_folders(folders):
+        yield model, clip, tensors
+
+
+def events() -> tuple[NodeRuntime, list[tuple[str, dict]]]:
+    seen: list[tuple[str, dict]] = []
+    return NodeRuntime(node_id="7", emit=lambda e, d: seen.append((e, d))), seen
+
+
+def test_registered_and_lists_subfolder_files(setup):
+    assert set(NODE_CLASS_MAPPINGS) == {"LoraLoader", "LoraLoaderModelOnly"}
+    names = LoraLoader.INPUT_TYPES()["required"]["lora_name"][0]
+    assert names == ["extra.safetensors", "styles/good.safetensors"]
+    req = list(LoraLoader.INPUT_TYPES()["required"])
+    assert req == ["model", "clip", "lora_name", "strength_model", "strength_clip"]
+    assert list(LoraLoaderModelOnly.INPUT_TYPES()["required"]) == ["model", "lora_name", "strength_model"]
+
+
+def test_lora_loader_merges_like_by_hand(setup):
+    model, clip, t = setup
+    rt, seen = events()
+    with running(rt):
+        m2, c2 = LoraLoader().load_lora(model, clip, "styles/good.safetensors", 0.75, -1.25)
+    assert seen == []
+    params = dict(model.model.named_parameters())
+    w0 = params[f"unet.{Q}.weight"].detach().clone()
+    m2.patch_model()
+    k = f"lora_unet_{Q.replace('.', '_')}"
+    want = w0 + 0.75 * 0.5 * (t[f"{k}.lora_up.weight"] @ t[f"{k}.lora_down.weight"])
+    assert (params[f"unet.{Q}.weight"] - want).abs().max() <= 1e-6
+    m2.unpatch_model()
+    assert torch.equal(params[f"unet.{Q}.weight"], w0)
+    cparams = dict(clip.patcher.model.named_parameters())
+    te_key = "l." + TE[len("text_model."):] + ".weight"
+    te0 = cparams[te_key].detach().clone()
+    c2.patcher.patch_model()
+    kt = f"lora_te_{TE.replace('.', '_')}"
+    assert (cparams[te_key] - (te0 - 1.25 * t[f"{kt}.lora_up.weight"] @ t[f"{kt}.lora_down.weight"])).abs().max() <= 1e-6
+    c2.patcher.unpatch_model()
+
+
+def test_unmatched_keys_warn_and_strict_fails(setup):
+    model, clip, _ = setup
+    rt, seen = events()
+    with running(rt):
+        LoraLoader().load_lora(model, clip, "extra.safetensors", 1.0, 1.0)
+    assert len(seen) == 1
+    event, data = seen[0]
+    assert event == "warning" and data["node"] == "7"
+    assert "extra.safetensors" in data["message"] and data["unmatched_count"] == 1
+    assert data["unmatched_keys"] == ["lora_unet_not_a_module.lora_down.weight"]
+    with running(rt), pytest.raises(ModelFileError, match="strict"):
+        LoraLoader().load_lora(model, clip, "extra.safetensors", 1.0, 1.0, strict=True)
+
+
+def test_strength_zero_returns_inputs_and_model_only(setup):
+    model, clip, _ = setup
+    m, c = LoraLoader().load_lora(model, clip, "does-not-matter.safetensors", 0.0, 0.0)
+    assert m is model and c is clip
+    (m2,) = LoraLoaderModelOnly().load_lora_model_only(model, "styles/good.safetensors", 1.0)
+    assert m2 is not model and len(m2.patches) == 1
+    with pytest.raises(FileNotFoundError, match="missing.safetensors"):
+        LoraLoaderModelOnly().load_lora_model_only(model, "missing.safetensors", 1.0)
