@@ -408,6 +408,19 @@ def test_subgraphs_are_expanded_with_joined_ids() -> None:
     assert api["70:2"]["inputs"] == {"filename_prefix": "nested", "images": ["70:1:2", 0]}
 
 
+def test_primitive_node_feeds_a_promoted_subgraph_input() -> None:
+    wf = _subgraph_workflow()
+    wf["nodes"].append({"id": 90, "type": "PrimitiveNode", "mode": 0, "widgets_values": [555, "fixed"],
+                        "inputs": [], "outputs": [{"name": "INT", "type": "INT", "links": [900],
+                                                   "widget": {"name": "seed"}}]})
+    inst = next(n for n in wf["nodes"] if n["id"] == 61)
+    inst["inputs"][5]["link"] = 900
+    wf["links"].append([900, 90, 0, 61, 5, "INT"])
+    api = ui_to_api(wf, DEFS)
+    assert api["61:1"]["inputs"]["seed"] == 555 and api["60:1"]["inputs"]["seed"] == 123
+    assert "90" not in api
+
+
 def test_muted_and_bypassed_subgraph_instances() -> None:
     muted = ui_to_api(_subgraph_workflow(instance_mode=2), DEFS)
     assert not any(k.startswith("60:") for k in muted)
