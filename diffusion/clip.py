@@ -28,6 +28,7 @@ chunk so that mean(z') = mean(z). Embedding vectors replace rows of the token-em
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -85,10 +86,9 @@ def _width(model: torch.nn.Module) -> int:
 def default_embedding_lookup(dirs: Sequence[Path]) -> Callable[[str], EmbeddingLike | None]:
     """Name -> embedding through diffusion.embeddings (find_embedding / load_embedding)."""
     def lookup(name: str) -> EmbeddingLike | None:
-        try:
-            from diffusion import embeddings       # written alongside; absent means no embeddings
-        except ImportError:
-            return None
+        if importlib.util.find_spec("diffusion.embeddings") is None:
+            return None                            # module not installed: no embeddings at all
+        from diffusion import embeddings
         path = embeddings.find_embedding(name, list(dirs))
         return None if path is None else embeddings.load_embedding(path)
     return lookup
