@@ -184,6 +184,7 @@ class JobQueue:
         self._seq = itertools.count()
         self.running: Job | None = None
         self._counter = 0
+        self._wakes = 0
 
     def next_number(self, front: bool) -> int:
         with self._cond:
@@ -202,9 +203,11 @@ class JobQueue:
             self._cond.notify()
 
     def take(self, timeout: float | None = None) -> Job | None:
-        """The next job (now marked running), waiting up to `timeout`; None when there is none."""
+        """The next job (now marked running), waiting up to `timeout`; None when there is none
+        or when `wake()` was called meanwhile."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
+            wakes = self._wakes
             while True:
                 while self._heap:
                     _, _, prompt_id = heapq.heappop(self._heap)
@@ -213,7 +216,7 @@ class JobQueue:
                         self.running = job
                         return job
                 remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
+                if (remaining is not None and remaining <= 0) or self._wakes != wakes:
                     return None
                 self._cond.wait(remaining)
 
@@ -224,6 +227,7 @@ class JobQueue:
 
     def wake(self) -> None:
         with self._cond:
+            self._wakes += 1
             self._cond.notify_all()
 
     def remove(self, prompt_ids: Iterable[str]) -> list[Job]:

@@ -123,7 +123,7 @@ async def read_upload(request: web.Request, limit: int) -> tuple[dict[str, str],
     try:
         reader = await request.multipart()
     except (AssertionError, ValueError, KeyError) as exc:
-        raise web.HTTPBadRequest(text=json.dumps({"error": f"expected a multipart/form-data body: {exc}"}),
+        raise web.HTTPBadRequest(text=json.dumps({"error": f"expected a multipart/form-data body with an 'image' file: {exc}"}),
                                  content_type="application/json") from exc
     fields: dict[str, str] = {}
     image: tuple[str, bytes] | None = None

@@ -2,7 +2,7 @@
 
 - `safe_join(root, *parts)`: a user-supplied relative path inside `root`, or `UnsafePath`:
   `..`, absolute paths, drive letters, backslashes, NUL and control characters, invalid UTF-8
-  (U+FFFD after decoding), names that NFKC-normalise to something else dangerous (fullwidth dots
+  (U+FFFD after decoding), percent-encoded separators or dots, names that NFKC-normalise to something else dangerous (fullwidth dots
   and slashes), and symlinks that lead out of `root` are all refused.
 - `token_middleware`: with `--token`, every route and the websocket need it, as
   `Authorization: Bearer T`, `?token=T` (the first page load; it then sets a SameSite=Strict
@@ -23,6 +23,7 @@ import io
 import json
 import logging
 import unicodedata
+import urllib.parse
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,9 @@ def check_name_part(part: str, what: str) -> None:
         raise UnsafePath(f"{what} {part!r} is not valid UTF-8")
     if "\\" in part:
         raise UnsafePath(f"{what} {part!r} contains a backslash")
+    decoded = urllib.parse.unquote(part)
+    if decoded != part and any(bad in decoded for bad in ("/", "\\", "..", "\x00")):
+        raise UnsafePath(f"{what} {part!r} hides path characters in percent-encoding")
     normal = unicodedata.normalize("NFKC", part)
     if normal != part and ("/" in normal or "\\" in normal or ".." in normal or ":" in normal):
         raise UnsafePath(f"{what} {part!r} uses look-alike characters for path separators or dots")

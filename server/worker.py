@@ -236,6 +236,7 @@ class Worker:
                     job = self.queue.take(timeout=0.5)
                     if job is None:
                         continue
+                    self._apply_free()       # a /free that came while waiting goes before this job
                     job.attempts += 1
                     self.store.write([self.store.op_start(job)])
                 job = self._run(job)
