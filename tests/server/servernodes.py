@@ -72,7 +72,7 @@ class ShowInt:
 
 
 class KillProcess:
-    """Takes the whole server process down with SIGKILL (for the crash-twice test)."""
+    """Takes the whole server process down with SIGKILL after `value` tenths of a second."""
     CATEGORY = "test"
     FUNCTION = "run"
     RETURN_TYPES = ()
@@ -83,6 +83,7 @@ class KillProcess:
         return {"required": {"value": ("INT", {"default": 0, "min": 0, "max": 10})}}
 
     def run(self, value: int) -> dict[str, Any]:
+        time.sleep(value / 10)
         os.kill(os.getpid(), signal.SIGKILL)
         return {"ui": {}}
 
