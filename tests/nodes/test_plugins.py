@@ -21,7 +21,7 @@ FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 
 
 @pytest.fixture
-def plugin_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
+def plugin_dirs(tmp_path: Path) -> tuple[Path, Path]:
     """Fresh copies of the fixture folders (plus a __pycache__ that must be skipped)."""
     main = shutil.copytree(FIXTURES / "custom_nodes", tmp_path / "custom_nodes",
                            ignore=shutil.ignore_patterns("__pycache__"))
@@ -29,8 +29,7 @@ def plugin_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, 
     (main / "__pycache__" / "junk.py").write_text('raise RuntimeError("__pycache__ must be skipped")\n')
     more = shutil.copytree(FIXTURES / "custom_nodes_more", tmp_path / "more",
                            ignore=shutil.ignore_patterns("__pycache__"))
-    # Plugins write `from server import PromptServer`; server/__init__.py is to export it (lead).
-    monkeypatch.setattr(server, "PromptServer", PromptServer, raising=False)
+    assert server.PromptServer is PromptServer       # what `from server import PromptServer` gives plugins
     return main, more
 
 
