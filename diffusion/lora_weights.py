@@ -186,25 +186,32 @@ class LoRA(_Adapter):
                        None if self.mid is None else _f32(self.mid, device))
         return d * self.scale
 
-    def addmm_into(self, base: torch.Tensor, strength: float, out_new: bool) -> torch.Tensor:
-        """`base + strength * s * up @ down` in one fused pass over W (plain LoRA without mid/DoRA).
+    def addmm_into(self, base: torch.Tensor, strength: float, out: torch.Tensor | None = None) -> torch.Tensor:
+        """`base + strength * s * up @ down` in one fused pass over W (plain LoRA, no mid/DoRA).
 
-        out_new: base is the original weight (not to be modified): return a new fp32 tensor;
-        else base is the fp32 accumulator and is updated in place."""
+        out None: a new fp32 tensor; out is base: base (fp32) is updated in place; else written into
+        out (fp32, base's shape)."""
         shape = base.shape
         if self.mid is not None or _numel(self.delta_shape()) != base.numel():
             d = fit_delta(self.scaled(shape, base.device), shape)
-            return base.float().add(d, alpha=strength) if out_new else base.add_(d, alpha=strength)
+            if out is base:
+                return base.add_(d, alpha=strength)
+            return torch.add(base.float(), d, alpha=strength, out=out) if out is not None else base.float().add(d, alpha=strength)
         up2 = _f32(self.up, base.device).reshape(shape[0], -1)          # [out, r]
         down2 = _f32(self.down, base.device).reshape(up2.shape[1], -1)  # [r, in*kh*kw]
         c = float(strength) * self.scale
-        if out_new:
-            b2 = base.reshape(shape[0], -1)
-            if b2.dtype == F32:
-                return torch.addmm(b2, up2, down2, alpha=c).reshape(shape)
-            return b2.float().addmm_(up2, down2, alpha=c).reshape(shape)
-        base.view(shape[0], -1).addmm_(up2, down2, alpha=c)
-        return base
+        if out is base:
+            base.view(shape[0], -1).addmm_(up2, down2, alpha=c)
+            return base
+        b2 = base.reshape(shape[0], -1)
+        if b2.dtype != F32:
+            b2 = b2.float()
+            return (b2.addmm_(up2, down2, alpha=c).reshape(shape) if out is None
+                    else out.copy_(b2.addmm_(up2, down2, alpha=c).reshape(shape)))
+        if out is not None:
+            torch.addmm(b2, up2, down2, alpha=c, out=out.view(shape[0], -1))
+            return out
+        return torch.addmm(b2, up2, down2, alpha=c).reshape(shape)
 
 
 @dataclass(frozen=True, eq=False)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import os
 import itertools
 import threading
 import weakref
@@ -169,7 +170,10 @@ class DeltaCache:
             self._bytes = 0
 
 
-DELTA_CACHE = DeltaCache(2 * 1024 ** 3)
+DELTA_CACHE = DeltaCache(int(float(os.environ.get("EASEL_DELTA_CACHE_MB", "2048")) * 1024 ** 2))
+# False: low-rank LoRA factors are applied with a fused addmm (no full delta kept: memory stays at the
+# originals' size); True: full up@down deltas are kept in DELTA_CACHE like the other types.
+CACHE_LOWRANK = False
 _watched: set[int] = set()
 
 
@@ -194,9 +198,14 @@ def _forget(token: int) -> None:
 
 
 def compute_patched(original: torch.Tensor, records: Sequence[WeightPatch],
-                    cache: DeltaCache | None = None) -> torch.Tensor:
-    """`cast(W0 + sum m_i dW_i)` accumulated in fp32 (a new tensor; `original` is not modified)."""
+                    cache: DeltaCache | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """`cast(W0 + sum m_i dW_i)` accumulated in fp32; `original` is never modified.
+
+    `out` (same shape, dtype and device as `original`, not `original` itself): write the result
+    there instead of allocating (a re-patch reuses the storage of the previous patched weight)."""
     cache = DELTA_CACHE if cache is None else cache
+    fp32 = original.dtype == torch.float32
+    dest = out if (out is not None and fp32) else None       # where the fp32 accumulation may land
     acc: torch.Tensor | None = None            # fp32 running weight, shape of W0
     base: tuple = ()                            # signature of the records applied so far
     for rec in records:
@@ -205,13 +214,17 @@ def compute_patched(original: torch.Tensor, records: Sequence[WeightPatch],
         adapter = rec.adapter
         m = float(rec.strength)
         fused = getattr(adapter, "addmm_into", None)
-        if fused is not None and not adapter.weight_dependent:
+        if fused is not None and not adapter.weight_dependent and not CACHE_LOWRANK:
             # LoRA: acc = acc + m * s * up @ down in one pass (no full delta allocated)
-            acc = fused(original if acc is None else acc, m, out_new=acc is None)
+            acc = fused(original, m, out=dest) if acc is None else fused(acc, m, out=acc)
         else:
             running = original.float() if acc is None else acc
             if getattr(adapter, "sets_weight", False):
-                acc = adapter.delta(running).clone() if acc is None else acc.copy_(adapter.delta(running))
+                value = adapter.delta(running)
+                if acc is None:
+                    acc = dest.copy_(value) if dest is not None else value.clone()
+                else:
+                    acc.copy_(value)
             else:
                 # weight-dependent deltas depend on the running weight: key them by what came before
                 key = _cache_key(adapter, running, base if adapter.weight_dependent else ())
@@ -222,13 +235,22 @@ def compute_patched(original: torch.Tensor, records: Sequence[WeightPatch],
                         d = d.float()
                     cache.put(key, d)
                 if acc is None:
-                    acc = torch.add(running, d, alpha=m) if running.dtype == torch.float32 else running.add_(d, alpha=m)
+                    if not fp32:
+                        acc = running.add_(d, alpha=m)            # running is already a fp32 copy
+                    elif dest is not None:
+                        acc = torch.add(running, d, alpha=m, out=dest)
+                    else:
+                        acc = torch.add(running, d, alpha=m)
                 else:
                     acc.add_(d, alpha=m)
         base = base + (rec.signature(),)
     if acc is None:
         return original
-    return acc if acc.dtype == original.dtype else acc.to(original.dtype)
+    if fp32:
+        return acc
+    if out is not None:
+        return out.copy_(acc)
+    return acc.to(original.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -323,6 +345,17 @@ def _module_device(model: torch.nn.Module) -> torch.device | None:
     return None
 
 
+def _stable_repr(value: Any) -> str:
+    """Content of plain containers and scalars; identity tokens for anything else (hooks, tensors)."""
+    if isinstance(value, (str, int, float, bool, type(None))):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_stable_repr(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k!r}:{_stable_repr(value[k])}" for k in sorted(value, key=repr)) + "}"
+    return f"obj{identity_token(value)}"
+
+
 def _copy_options(options: Mapping[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in options.items():
@@ -393,15 +426,7 @@ class ModelPatcher:
                     continue
                 h.update(f"|{key}|{r.source}|{r.strength!r}|{identity_token(r.adapter)}".encode())
         for name in sorted(self.model_options):
-            val = self.model_options[name]
-            items = val if isinstance(val, (list, tuple)) else [val]
-            toks = []
-            for it in items:
-                if isinstance(it, (str, int, float, bool, type(None))):
-                    toks.append(repr(it))
-                else:
-                    toks.append(f"obj{identity_token(it)}")
-            h.update(f"|opt:{name}={','.join(toks)}".encode())
+            h.update(f"|opt:{name}={_stable_repr(self.model_options[name])}".encode())
         return h.hexdigest()
 
     # ---------------------------------------------------------------- applying
@@ -433,13 +458,19 @@ class ModelPatcher:
                 p = params[key]
                 orig = st.originals.get(key)
                 if orig is None:
-                    orig = p.data
-                elif orig.device != p.device:
-                    orig = orig.to(p.device)
-                    st.originals[key] = orig
-                new = compute_patched(orig, eff)
-                st.originals[key] = orig
-                p.data = new
+                    # the original tensor object is kept as it is (no copy) when it lives on the
+                    # offload device; a weight on the accelerator is backed up to the offload device
+                    src = p.data
+                    st.originals[key] = src if p.device == self.offload_device else src.to(self.offload_device, copy=True)
+                    reuse = None
+                else:
+                    src = orig if orig.device == p.device else orig.to(p.device)
+                    # p.data is our own earlier patched tensor: overwrite it instead of allocating
+                    reuse = p.data if (key in st.applied and p.data is not orig and p.data.shape == src.shape
+                                       and p.data.dtype == src.dtype and p.data.device == src.device) else None
+                new = compute_patched(src, eff, out=reuse)
+                if new is not p.data:
+                    p.data = new
                 st.applied[key] = sig
             self._install_hooks(st)
         return self.model

@@ -111,6 +111,9 @@ def test_fingerprint_tracks_model_records_and_strengths():
     d = base.clone()
     d.model_options["attn2_kv"] = [lambda k, v: (k, v)]
     assert d.patch_fingerprint() != base.patch_fingerprint()
+    assert d.clone().patch_fingerprint() == d.patch_fingerprint()     # copied options, same content
+    d.model_options["transformer_options"] = {"x": [1, 2]}
+    assert d.clone().patch_fingerprint() == d.patch_fingerprint()
 
 
 def test_records_are_frozen_dataclasses():

@@ -1,0 +1,193 @@
+"""LoRA patching on a full-size SD1.5-architecture model (random weights, fp32, CPU).
+
+Builds the SD1.5 UNet (diffusers config of the real model) and the CLIP-L text encoder with random
+weights, writes a rank-16 kohya LoRA (every Linear / 1x1 conv of the UNet transformer blocks + the
+text encoder's attention and MLP) and a rank-16 LoCon (the same plus every 3x3 conv of the resnets
+and samplers), then times, as medians of several runs:
+  first patch   load_lora (read + resolve, caches emptied) + patch_model of UNet and text encoder
+  unpatch       unpatch_model of both
+  re-patch      load_lora with a new strength_model (file cached) + patch_model of the UNet, starting
+                from the model patched at the old strength (what a strength change costs)
+and the peak extra RSS of the first patch (VmHWM reset through /proc/self/clear_refs) against the size
+of the weights it patches. Targets: re-patch <= 25% of first patch; peak extra RSS <= 1.2x.
+
+    python benchmarks/lora.py [--runs 5] [--only lora|locon] [--cache-lowrank]
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from diffusers import UNet2DConditionModel  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
+
+from diffusion import lora as lora_mod  # noqa: E402
+from diffusion import patcher as patcher_mod  # noqa: E402
+from diffusion.clip import CLIP  # noqa: E402
+from diffusion.detect import SD1  # noqa: E402
+from diffusion.lora import load_lora  # noqa: E402
+from diffusion.model import DiffusionModel  # noqa: E402
+from diffusion.patcher import ModelPatcher  # noqa: E402
+
+LINEAR_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
+TE_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+def reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def peak_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+@torch.no_grad()
+def random_fill(module: torch.nn.Module, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for p in module.parameters():
+        p.normal_(0.0, 0.02, generator=g)
+
+
+def build_sd15() -> tuple[ModelPatcher, CLIP]:
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(sample_size=64, block_out_channels=(320, 640, 1280, 1280),
+                                    cross_attention_dim=768, attention_head_dim=8, layers_per_block=2)
+        te = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072,
+                                          num_hidden_layers=12, num_attention_heads=12,
+                                          max_position_embeddings=77, hidden_act="quick_gelu"))
+    unet = unet.to_empty(device="cpu")
+    te = te.to_empty(device="cpu")
+    random_fill(unet, 0)
+    random_fill(te, 1)
+    model = ModelPatcher(DiffusionModel(unet.eval(), SD1, "eps"), "cpu", "cpu")
+    return model, CLIP({"l": te.eval()}, SD1, "cpu", "cpu")
+
+
+def make_lora(model: ModelPatcher, clip: CLIP, rank: int, convs: bool) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(2)
+    out: dict[str, torch.Tensor] = {}
+
+    def add(name: str, w: torch.Tensor, k: int = 1) -> None:
+        out[f"{name}.lora_down.weight"] = (torch.randn(rank, w.shape[1], k, k, generator=g) if w.dim() == 4
+                                           else torch.randn(rank, w.shape[1], generator=g)) * 0.01
+        out[f"{name}.lora_up.weight"] = (torch.randn(w.shape[0], rank, 1, 1, generator=g) if w.dim() == 4
+                                         else torch.randn(w.shape[0], rank, generator=g)) * 0.01
+        out[f"{name}.alpha"] = torch.tensor(float(rank // 2))
+
+    for n, w in model.model.unet.named_parameters():
+        if not n.endswith(".weight"):
+            continue
+        path = n[: -len(".weight")]
+        kname = "lora_unet_" + path.replace(".", "_")
+        if "attentions" in path and path.endswith(LINEAR_TARGETS):
+            add(kname, w)
+        elif convs and w.dim() == 4 and w.shape[-1] == 3 and ("resnets" in path or "samplers" in path):
+            add(kname, w, 3)
+    for n, w in clip.encoders["l"].named_parameters():
+        path = n[: -len(".weight")] if n.endswith(".weight") else ""
+        if path.endswith(TE_TARGETS):
+            t = path if path.startswith("text_model.") else "text_model." + path
+            add("lora_te_" + t.replace(".", "_"), w)
+    return out
+
+
+def patched_bytes(*patchers: ModelPatcher) -> int:
+    total = 0
+    for p in patchers:
+        params = dict(p.model.named_parameters())
+        total += sum(params[k].numel() * params[k].element_size() for k in p.patches)
+    return total
+
+
+def clear_caches() -> None:
+    lora_mod._FILES.clear()
+    lora_mod._RESOLVED.clear()
+    patcher_mod.DELTA_CACHE.clear()
+    gc.collect()
+
+
+def bench(name: str, file: Path, model: ModelPatcher, clip: CLIP, runs: int) -> dict[str, float]:
+    first, unpatch, repatch, peaks, ratio = [], [], [], [], []
+    size = 0
+    clear_caches()
+    base = rss_bytes()          # before any patching: memory kept by the allocator counts against us
+    for i in range(runs):
+        clear_caches()
+        reset_peak()
+        t0 = time.perf_counter()
+        m1, c1, cov = load_lora(model, clip, file, 1.0, 1.0)
+        m1.patch_model()
+        c1.patcher.patch_model()
+        first.append(time.perf_counter() - t0)
+        peaks.append(peak_bytes() - base)
+        size = patched_bytes(m1, c1.patcher)
+        # strength change: the model stays patched at 1.0, the new clone asks for 0.5
+        t0 = time.perf_counter()
+        m2, c2, _ = load_lora(model, clip, file, 0.5 + 0.01 * i, 1.0)
+        m2.patch_model()
+        c2.patcher.patch_model()           # same fingerprint as c1: nothing to do
+        repatch.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        m2.unpatch_model()
+        c2.patcher.unpatch_model()
+        unpatch.append(time.perf_counter() - t0)
+        ratio.append(repatch[-1] / first[-1])
+        del m1, c1, m2, c2
+    med = statistics.median
+    res = {"first_s": med(first), "repatch_s": med(repatch), "unpatch_s": med(unpatch),
+           "repatch_ratio": med(ratio), "peak_extra_gib": med(peaks) / 2**30, "patched_gib": size / 2**30,
+           "peak_ratio": med(peaks) / size, "weights": cov.model_weights + cov.clip_weights}
+    print(f"{name:6s} patched weights {res['weights']} ({res['patched_gib']:.2f} GiB fp32): "
+          f"first patch {res['first_s']:.3f} s, re-patch after strength change {res['repatch_s']:.3f} s "
+          f"({100 * res['repatch_ratio']:.0f}% of first; target <= 25%), unpatch {res['unpatch_s']:.3f} s, "
+          f"peak extra RSS {res['peak_extra_gib']:.2f} GiB = {res['peak_ratio']:.2f}x patched size (target <= 1.2x)",
+          flush=True)
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--only", choices=["lora", "locon"], default=None)
+    ap.add_argument("--cache-lowrank", action="store_true",
+                    help="keep full up@down deltas in the delta cache instead of the fused addmm path")
+    args = ap.parse_args()
+    patcher_mod.CACHE_LOWRANK = args.cache_lowrank
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"delta mode: {'cached full deltas' if args.cache_lowrank else 'fused addmm of factors'}", flush=True)
+    t0 = time.perf_counter()
+    model, clip = build_sd15()
+    print(f"built SD1.5-size UNet + CLIP-L in {time.perf_counter() - t0:.1f} s, RSS {rss_bytes() / 2**30:.2f} GiB",
+          flush=True)
+    with tempfile.TemporaryDirectory() as d:
+        for name, convs in (("lora", False), ("locon", True)):
+            if args.only and args.only != name:
+                continue
+            f = Path(d) / f"{name}.safetensors"
+            save_file(make_lora(model, clip, 16, convs), str(f))
+            bench(name, f, model, clip, args.runs)
+            f.unlink()
+
+
+if __name__ == "__main__":
+    main()
