@@ -229,3 +229,19 @@ def test_unreadable_file_is_a_model_file_error(tmp_path):
     model, _ = build("sd1")
     with pytest.raises(ModelFileError, match="bad.safetensors"):
         load_lora(model, None, bad, 1.0)
+
+
+def test_sdxl_diffusers_names_reach_both_text_encoders(tmp_path):
+    model, clip = build("sdxl")
+    g = torch.Generator().manual_seed(6)
+    t = {}
+    for prefix, width in (("text_encoder.", 32), ("text_encoder_2.", 64)):
+        t[f"{prefix}text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight"] = torch.randn(2, width, generator=g)
+        t[f"{prefix}text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight"] = torch.randn(width, 2, generator=g)
+    up = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"
+    t[f"{up}.lora_A.weight"] = torch.randn(2, 96, generator=g)
+    t[f"{up}.lora_B.weight"] = torch.randn(64, 2, generator=g)
+    _, c2, cov = load_lora(model, clip, write(tmp_path, t), 1.0, 1.0)
+    assert cov.unmatched == () and cov.model_weights == 1 and cov.clip_weights == 2
+    assert set(c2.patcher.patches) == {"l.encoder.layers.0.self_attn.q_proj.weight",
+                                       "g.text_model.encoder.layers.0.self_attn.q_proj.weight"}

@@ -268,3 +268,31 @@ def test_against_lycoris_locon_loha_lokr_dora():
 def test_ia3_record_is_weight_dependent():
     assert IA3(torch.ones(3)).weight_dependent
     assert not LoRA(up=torch.ones(2, 1), down=torch.ones(1, 2)).weight_dependent
+
+
+def test_norm_w_norm_and_b_norm(mp, tmp_path):
+    norm = "down_blocks.0.attentions.0.norm"                                # GroupNorm [32]
+    wn, bn = r(32, seed=70), r(32, seed=71)
+    params = dict(mp.model.named_parameters())
+    w0, b0 = params[f"unet.{norm}.weight"].detach().clone(), params[f"unet.{norm}.bias"].detach().clone()
+    f = tmp_path / "norm.safetensors"
+    save_file({f"{kohya(norm)}.w_norm": wn, f"{kohya(norm)}.b_norm": bn}, str(f))
+    new, _, cov = load_lora(mp, None, f, 2.0)
+    assert cov.unmatched == ()
+    new.patch_model()
+    assert (params[f"unet.{norm}.weight"] - (w0 + 2.0 * wn)).abs().max() <= TOL
+    assert (params[f"unet.{norm}.bias"] - (b0 + 2.0 * bn)).abs().max() <= TOL
+    new.unpatch_model()
+    assert torch.equal(params[f"unet.{norm}.weight"], w0)
+
+
+def test_unsupported_types_are_reported_not_dropped(mp, tmp_path):
+    k = kohya(LIN)
+    f = tmp_path / "glora.safetensors"
+    save_file({f"{k}.a1.weight": r(32, 2, seed=72), f"{k}.a2.weight": r(2, 32, seed=73),
+               f"{k}.b1.weight": r(256, 2, seed=74), f"{k}.b2.weight": r(2, 32, seed=75),
+               f"{kohya(CONV)}.lora_up.weight": r(64, 2, 1, 1, seed=76),
+               f"{kohya(CONV)}.lora_down.weight": r(2, 32, 3, 3, seed=77)}, str(f))
+    _, _, cov = load_lora(mp, None, f, 1.0)
+    assert cov.matched_keys == 2
+    assert {reason for _, reason in cov.unmatched} == {"GLoRA modules are not supported"}
