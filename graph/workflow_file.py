@@ -1,4 +1,4 @@
-"""Detect and read a workflow file: API JSON, UI JSON, or a PNG that carries one in its metadata.
+"""Detect and read a workflow file: API JSON, UI JSON, or an image that carries one in its metadata.
 
 A PNG written by ComfyUI or Easel holds `tEXt` chunks `prompt` (the API prompt that ran) and
 `workflow` (the UI workflow); an AUTOMATIC1111 PNG holds `parameters` (plain text, read by
@@ -6,6 +6,9 @@ A PNG written by ComfyUI or Easel holds `tEXt` chunks `prompt` (the API prompt t
 torch and imaging code): 8-byte signature, then chunks `length:u32be | type:4 | data | crc:u32`.
 `tEXt` = keyword NUL latin-1 text; `zTXt` = keyword NUL method zlib-data; `iTXt` = keyword NUL
 compressed-flag method language NUL translated-keyword NUL utf-8 text (zlib when flagged).
+
+JPEG and WebP files carry the same in EXIF: ComfyUI writes strings `prompt:{json}` and
+`workflow:{json}` into IFD0 entries, A1111 writes `parameters` as the Exif UserComment (0x9286).
 
 Every problem raises `WorkflowFileError` naming the file and what was wrong with it.
 """
@@ -22,6 +25,8 @@ from typing import Any, Literal
 from graph.ui_format import UIWorkflowError, is_ui_workflow, ui_to_api
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+JPEG_SIGNATURE = b"\xff\xd8\xff"
+EXIF_IFD, USER_COMMENT = 0x8769, 0x9286
 WorkflowKind = Literal["api", "ui", "a1111"]
 
 
@@ -34,7 +39,7 @@ class WorkflowSource:
     """What a workflow file holds. `kind` says which of prompt / ui / parameters is the one to run."""
 
     path: Path
-    container: Literal["json", "png"]
+    container: Literal["json", "png", "exif"]       # exif: a JPEG or WebP
     prompt: dict[str, Any] | None = None          # API prompt (JSON file or PNG `prompt` chunk)
     ui: dict[str, Any] | None = None              # UI workflow (JSON file or PNG `workflow` chunk)
     parameters: str | None = None                 # A1111 `parameters` text
@@ -161,6 +166,8 @@ def load_workflow_file(path: str | Path) -> WorkflowSource:
         raise WorkflowFileError(f"cannot read workflow file {path}: {err.strerror or err}") from None
     if raw.startswith(PNG_SIGNATURE):
         return load_png(raw, path)
+    if raw.startswith(JPEG_SIGNATURE) or (raw[:4] == b"RIFF" and raw[8:12] == b"WEBP"):
+        return load_exif_image(raw, path)
     if not raw.strip():
         raise WorkflowFileError(f"{path} is empty")
     try:
@@ -173,21 +180,69 @@ def load_workflow_file(path: str | Path) -> WorkflowSource:
 
 def load_png(data: bytes, path: Path) -> WorkflowSource:
     """A PNG's workflow: `prompt` (API) and/or `workflow` (UI), else A1111 `parameters`."""
-    chunks = read_png_text(data, str(path))
+    return _from_text(read_png_text(data, str(path)), path, "png")
+
+
+def decode_user_comment(raw: bytes | str) -> str:
+    """EXIF UserComment: an 8-byte charset header (`UNICODE\\0` -> UTF-16, `ASCII`), then the text."""
+    if isinstance(raw, str):
+        return raw
+    head, body = raw[:8], raw[8:]
+    if head.startswith(b"UNICODE"):
+        # UTF-16 without a byte-order mark; ASCII-range text tells the byte order by its zero bytes
+        big = len(body) < 2 or body[0] == 0 or body[1] != 0
+        return body.decode("utf-16-be" if big else "utf-16-le", errors="replace")
+    if head.startswith(b"ASCII") or head == b"\0" * 8:
+        return body.decode("latin-1")
+    return raw.decode("utf-8", errors="replace")
+
+
+def read_exif_text(data: bytes, name: str = "<image>") -> dict[str, str]:
+    """Workflow text from a JPEG/WebP's EXIF: ComfyUI's `prompt:`/`workflow:` strings and A1111's
+    UserComment (`parameters`)."""
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            exif = img.getexif()
+            comment = exif.get_ifd(EXIF_IFD).get(USER_COMMENT)
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise WorkflowFileError(f"{name}: image cannot be read: {err}") from None
+    out: dict[str, str] = {}
+    for value in exif.values():
+        if isinstance(value, str):
+            key, sep, text = value.partition(":")
+            if sep and key.lower() in ("prompt", "workflow"):
+                out.setdefault(key.lower(), text)
+    if comment:
+        text = decode_user_comment(comment).rstrip("\0")
+        if text.strip():
+            out["parameters"] = text
+    return out
+
+
+def load_exif_image(data: bytes, path: Path) -> WorkflowSource:
+    """A JPEG or WebP: ComfyUI EXIF strings, else A1111's UserComment."""
+    return _from_text(read_exif_text(data, str(path)), path, "exif")
+
+
+def _from_text(chunks: dict[str, str], path: Path, container: Literal["png", "exif"]) -> WorkflowSource:
+    what = "text chunk" if container == "png" else "EXIF entry"
     prompt = ui = None
     if "prompt" in chunks:
-        prompt = _parse_json(chunks["prompt"], f"{path} (text chunk 'prompt')")
+        prompt = _parse_json(chunks["prompt"], f"{path} ({what} 'prompt')")
         if not looks_like_api_prompt(prompt):
-            raise WorkflowFileError(f"{path}: text chunk 'prompt' is not an API-format workflow")
+            raise WorkflowFileError(f"{path}: {what} 'prompt' is not an API-format workflow")
     if "workflow" in chunks:
-        ui = _parse_json(chunks["workflow"], f"{path} (text chunk 'workflow')")
+        ui = _parse_json(chunks["workflow"], f"{path} ({what} 'workflow')")
         if not is_ui_workflow(ui):
             if prompt is None:
-                raise WorkflowFileError(f"{path}: text chunk 'workflow' is not a UI-format workflow")
+                raise WorkflowFileError(f"{path}: {what} 'workflow' is not a UI-format workflow")
             ui = None
     parameters = chunks.get("parameters")
     if prompt is None and ui is None and not (parameters and parameters.strip()):
         found = ", ".join(sorted(chunks)) or "none"
         raise WorkflowFileError(f"{path} has no workflow metadata: no 'prompt', 'workflow' or "
-                                f"'parameters' text chunk (text chunks found: {found})")
-    return WorkflowSource(path, "png", prompt=prompt, ui=ui, parameters=parameters, text_chunks=chunks)
+                                f"'parameters' {what} ({what}s found: {found})")
+    return WorkflowSource(path, container, prompt=prompt, ui=ui, parameters=parameters, text_chunks=chunks)

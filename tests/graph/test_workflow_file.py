@@ -144,3 +144,39 @@ def test_truncated_png_and_other_garbage(tmp_path: Path) -> None:
     e.write_text("  \n")
     with pytest.raises(WorkflowFileError, match="is empty"):
         load_workflow_file(e)
+
+
+def exif_image(fmt: str, prompt: str | None = None, workflow: str | None = None,
+               comment: bytes | None = None) -> bytes:
+    exif = Image.Exif()
+    if prompt is not None:
+        exif[0x0110] = "prompt:" + prompt            # ComfyUI: IFD0 Model
+    if workflow is not None:
+        exif[0x010F] = "workflow:" + workflow        # ComfyUI: IFD0 Make
+    if comment is not None:
+        exif.get_ifd(0x8769)[0x9286] = comment      # A1111: Exif UserComment
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(buf, fmt, exif=exif.tobytes())
+    return buf.getvalue()
+
+
+def test_webp_and_jpeg_with_comfyui_exif(tmp_path: Path) -> None:
+    for fmt in ("WEBP", "JPEG"):
+        f = tmp_path / f"img.{fmt.lower()}"
+        f.write_bytes(exif_image(fmt, prompt=json.dumps(API), workflow=json.dumps(ui_workflow())))
+        src = load_workflow_file(f)
+        assert src.container == "exif" and src.kind == "api"
+        assert src.prompt == API and src.ui == ui_workflow()
+
+
+def test_a1111_jpeg_user_comment_in_either_byte_order(tmp_path: Path) -> None:
+    text = "a fox, 狐\nNegative prompt: dog\nSteps: 20, Sampler: Euler a, Seed: 1, Size: 512x512"
+    for encoding in ("utf-16-be", "utf-16-le"):
+        f = tmp_path / f"a1111-{encoding}.jpg"
+        f.write_bytes(exif_image("JPEG", comment=b"UNICODE\0" + text.encode(encoding)))
+        src = load_workflow_file(f)
+        assert src.kind == "a1111" and src.parameters == text
+    bare = tmp_path / "bare.jpg"
+    bare.write_bytes(exif_image("JPEG"))
+    with pytest.raises(WorkflowFileError, match=r"bare\.jpg has no workflow metadata.*EXIF entry"):
+        load_workflow_file(bare)
