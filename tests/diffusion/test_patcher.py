@@ -224,3 +224,19 @@ def test_identity_hook_keeps_the_output(tiny_unet):
     p.patch_model()
     assert (run_unet(tiny_unet) - before).abs().max() <= 1e-6
     p.unpatch_model()
+
+
+def test_patch_model_with_an_equal_patch_set_does_no_work():
+    m = small_module()
+    g = torch.Generator().manual_seed(12)
+    loha = LoHa(torch.randn(24, 2, generator=g), torch.randn(2, 16, generator=g), torch.randn(24, 2, generator=g),
+                torch.randn(2, 16, generator=g), alpha=1.0)
+    p1 = ModelPatcher(m, "cpu", "cpu")
+    p1.add_patches({"0.weight": loha}, 0.5, "h")
+    p1.patch_model()
+    patched = m[0].weight.data
+    calls = DELTA_CACHE.hits + DELTA_CACHE.misses
+    p1.clone().patch_model()                    # same records: nothing to recompute
+    assert DELTA_CACHE.hits + DELTA_CACHE.misses == calls
+    assert m[0].weight.data is patched
+    p1.unpatch_model()

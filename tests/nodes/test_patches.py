@@ -105,3 +105,57 @@ def test_strength_zero_returns_inputs_and_model_only(setup):
     assert m2 is not model and len(m2.patches) == 1
     with pytest.raises(FileNotFoundError, match="missing.safetensors"):
         LoraLoaderModelOnly().load_lora_model_only(model, "missing.safetensors", 1.0)
+
+
+# ------------------------------------------------------------------ through the executor and its cache
+
+
+def test_strength_changes_rerun_only_the_side_they_touch(tmp_path):
+    from diffusion.clip import CLIP as ClipValue
+    from diffusion.demo import DEMO_NAMES, ensure_demo_checkpoint
+    from graph.cache import OutputCache
+    from graph.events import EventLog
+    from graph.executor import Executor
+    from nodes.registry import build_registry
+
+    if not hasattr(ClipValue, "patch_fingerprint"):
+        pytest.skip("diffusion.clip.CLIP.patch_fingerprint() not there yet (text work)")
+    folders = ModelFolders(tmp_path)
+    ensure_demo_checkpoint(folders.dirs("checkpoints")[0], "sd1")
+    loras = folders.dirs("loras")[0]
+    loras.mkdir(parents=True)
+    g = torch.Generator().manual_seed(9)
+    save_file({f"lora_unet_{Q.replace('.', '_')}.lora_down.weight": torch.randn(2, 32, generator=g),
+               f"lora_unet_{Q.replace('.', '_')}.lora_up.weight": torch.randn(32, 2, generator=g),
+               f"lora_te_{TE.replace('.', '_')}.lora_down.weight": torch.randn(2, 32, generator=g),
+               f"lora_te_{TE.replace('.', '_')}.lora_up.weight": torch.randn(32, 2, generator=g)},
+              str(loras / "l.safetensors"))
+
+    def prompt(sm: float, sc: float) -> dict:
+        return {
+            "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": DEMO_NAMES["sd1"]}},
+            "10": {"class_type": "LoraLoader", "inputs": {"model": ["4", 0], "clip": ["4", 1], "lora_name": "l.safetensors",
+                                                          "strength_model": sm, "strength_clip": sc}},
+            "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a cat", "clip": ["10", 1]}},
+            "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["10", 1]}},
+            "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+            "3": {"class_type": "KSampler", "inputs": {"seed": 1, "steps": 1, "cfg": 5.0, "sampler_name": "euler",
+                                                        "scheduler": "normal", "denoise": 1.0, "model": ["10", 0],
+                                                        "positive": ["6", 0], "negative": ["7", 0],
+                                                        "latent_image": ["5", 0]}},
+            "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
+            "9": {"class_type": "PreviewImage", "inputs": {"images": ["8", 0]}},
+        }
+
+    log = EventLog()
+    ex = Executor(build_registry(), OutputCache(), log, folders=folders)
+    with use_folders(folders):
+        assert ex.run(prompt(1.0, 1.0)).ok
+        log.clear()
+        assert ex.run(prompt(0.5, 1.0)).ok                  # only strength_model
+        ran = set(log.executed_nodes())
+        assert "10" in ran and "3" in ran and not ran & {"6", "7"}
+        log.clear()
+        assert ex.run(prompt(0.5, 0.25)).ok                 # only strength_clip
+        ran = set(log.executed_nodes())
+        assert {"10", "6", "7"} <= ran
