@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -28,7 +28,7 @@ from diffusion.detect import UNET_PREFIX, ModelFamily, detect_family, family as 
 from diffusion.errors import ModelFileError
 from diffusion.model import DiffusionModel
 from diffusion.patcher import ModelPatcher
-from diffusion.state_dict import load_state_dict
+from diffusion.state_dict import load_state_dict, open_state_dict, shape_of, with_dtype
 from diffusion.vae import VAE
 
 PredictionChoice = Literal["auto", "eps", "v"]
@@ -49,10 +49,11 @@ def _assign(module: torch.nn.Module, state: dict[str, torch.Tensor], dtype: torc
     module.eval().requires_grad_(False)
 
 
-def build_unet(sd: dict[str, torch.Tensor], fam: ModelFamily, dtype: torch.dtype,
+def build_unet(sd: Mapping[str, torch.Tensor], fam: ModelFamily, dtype: torch.dtype,
                path: os.PathLike | str = "<state dict>") -> UNet2DConditionModel:
-    proj = sd.get("conditioner.embedders.1.model.text_projection")          # [D, P]: P = pooled width
-    cfg = unet_config_from_ldm(sd, fam, path, pooled_dim=int(proj.shape[1]) if proj is not None else None)
+    proj_key = "conditioner.embedders.1.model.text_projection"            # [D, P]: P = pooled width
+    pooled = int(shape_of(sd, proj_key)[1]) if proj_key in sd else None
+    cfg = unet_config_from_ldm(sd, fam, path, pooled_dim=pooled)
     with torch.device("meta"):
         unet = UNet2DConditionModel(**cfg)
     state = unet_to_diffusers(sd, list(unet.state_dict()), cfg, path)
@@ -60,7 +61,7 @@ def build_unet(sd: dict[str, torch.Tensor], fam: ModelFamily, dtype: torch.dtype
     return unet
 
 
-def build_vae(sd: dict[str, torch.Tensor], prefix: str, scale: float, dtype: torch.dtype,
+def build_vae(sd: Mapping[str, torch.Tensor], prefix: str, scale: float, dtype: torch.dtype,
               path: os.PathLike | str = "<state dict>") -> AutoencoderKL:
     cfg = vae_config_from_ldm(sd, prefix, scale, path)
     with torch.device("meta"):
@@ -70,7 +71,7 @@ def build_vae(sd: dict[str, torch.Tensor], prefix: str, scale: float, dtype: tor
     return vae
 
 
-def build_text_encoders(sd: dict[str, torch.Tensor], fam: ModelFamily, dtype: torch.dtype,
+def build_text_encoders(sd: Mapping[str, torch.Tensor], fam: ModelFamily, dtype: torch.dtype,
                         path: os.PathLike | str = "<state dict>") -> dict[str, torch.nn.Module]:
     """{"l"/"h"/"g": transformers model}; empty when the file has no text encoder (UNet-only files)."""
     encoders: dict[str, torch.nn.Module] = {}
@@ -93,15 +94,15 @@ def load_checkpoint(path: str | os.PathLike[str], config: devices.DeviceConfig |
         return load_diffusers_folder(path, config, prediction, embedding_dirs)
     config = config or devices.current_config()
     device, offload = devices.torch_device(config), devices.offload_device(config)
-    sd = load_state_dict(path)
-    assert isinstance(sd, dict)
+    # safetensors: read tensor by tensor, cast as read (peak memory ~ the built modules, not file + modules)
+    sd = open_state_dict(path)
     fam = detect_family(sd, path, prediction)
-    unet = build_unet(sd, fam, devices.unet_dtype(config, device), path)
-    for k in [k for k in sd if k.startswith(UNET_PREFIX)]:
-        del sd[k]                                                    # free the file's copy as we go
-    encoders = build_text_encoders(sd, fam, devices.text_dtype(config, device), path)
+    unet_dtype, text_dtype = devices.unet_dtype(config, device), devices.text_dtype(config, device)
+    vae_dtype = devices.vae_dtype(config, device)
+    unet = build_unet(with_dtype(sd, unet_dtype), fam, unet_dtype, path)
+    encoders = build_text_encoders(with_dtype(sd, text_dtype), fam, text_dtype, path)
     prefix = vae_prefix(sd)
-    vae_module = (build_vae(sd, prefix, fam.latent_scale_factor, devices.vae_dtype(config, device), path)
+    vae_module = (build_vae(with_dtype(sd, vae_dtype), prefix, fam.latent_scale_factor, vae_dtype, path)
                   if prefix is not None else None)
     return _values(unet, encoders, vae_module, fam, config, embedding_dirs)
 

@@ -27,7 +27,7 @@ def _ignored(key: str) -> bool:
 
 
 def _sub(sd: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix) and not _ignored(k)}
+    return {k[len(prefix):]: sd[k] for k in sd if k.startswith(prefix) and not _ignored(k)}
 
 
 def _layers(keys: list[str], pattern: str) -> int:
@@ -187,8 +187,9 @@ def _load(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str | os
     if missing or extra:
         raise ModelFileError(path, f"text encoder under {prefix!r} does not fit its config: "
                                    f"missing {missing[:5]}, unexpected {extra[:5]}")
+    own = model.state_dict()
     for k, v in state.items():
-        want = model.state_dict()[k].shape
+        want = own[k].shape
         if v.shape != want:
             raise ModelFileError(path, f"text encoder tensor {prefix}{k}: shape {list(v.shape)}, expected {list(want)}")
     dtype = dtype or torch.float32

@@ -18,6 +18,7 @@ import torch
 
 from diffusion.detect import UNET_PREFIX, ModelFamily
 from diffusion.errors import ModelFileError
+from diffusion.state_dict import shape_of
 
 RESNET_TO_LDM = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
                  "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
@@ -83,29 +84,29 @@ def unet_config_from_ldm(sd: Mapping[str, torch.Tensor], fam: ModelFamily,
                          path: str | os.PathLike[str] = "<state dict>", pooled_dim: int | None = None) -> dict:
     """A UNet2DConditionModel config read from an ldm state dict's names and shapes."""
     P = UNET_PREFIX
-    conv_in = sd[P + "input_blocks.0.0.weight"]                  # [C0, in, 3, 3]
-    model_channels, in_channels = int(conv_in.shape[0]), int(conv_in.shape[1])
+    conv_in = shape_of(sd, P + "input_blocks.0.0.weight")        # [C0, in, 3, 3]
+    model_channels, in_channels = int(conv_in[0]), int(conv_in[1])
     # Walk input_blocks: resnets of the current level until a downsampler (`N.0.op`) closes it.
     levels: list[dict] = [{"resnets": 0, "channels": None, "depth": 0}]
     for n in _block_indices(sd, "input_blocks")[1:]:
         if f"{P}input_blocks.{n}.0.op.weight" in sd:
             levels.append({"resnets": 0, "channels": None, "depth": 0})
             continue
-        conv2 = sd.get(f"{P}input_blocks.{n}.0.out_layers.3.weight")
-        if conv2 is None:
+        conv2_key = f"{P}input_blocks.{n}.0.out_layers.3.weight"
+        if conv2_key not in sd:
             raise ModelFileError(path, f"unknown UNet layout: input_blocks.{n} is neither a resnet nor a downsampler")
         lvl = levels[-1]
         lvl["resnets"] += 1
-        lvl["channels"] = int(conv2.shape[0])
+        lvl["channels"] = int(shape_of(sd, conv2_key)[0])
         lvl["depth"] = max(lvl["depth"], _transformer_depth(sd, f"input_blocks.{n}.1"))
     per_level = {lvl["resnets"] for lvl in levels}
     if len(per_level) != 1 or 0 in per_level:
         raise ModelFileError(path, f"unknown UNet layout: resnets per level {[l['resnets'] for l in levels]}")
-    attn_k = next((v for k, v in sd.items() if k.startswith(P) and k.endswith("attn2.to_k.weight")), None)
-    proj_in = next((v for k, v in sd.items() if k.startswith(P) and k.endswith(".proj_in.weight")), None)
+    attn_k = next((shape_of(sd, k) for k in sd if k.startswith(P) and k.endswith("attn2.to_k.weight")), None)
+    proj_in = next((shape_of(sd, k) for k in sd if k.startswith(P) and k.endswith(".proj_in.weight")), None)
     if attn_k is None or proj_in is None:
         raise ModelFileError(path, "unknown UNet layout: no cross-attention (attn2.to_k) layers")
-    linear = proj_in.ndim == 2                                   # SD2/SDXL Linear; SD1 1x1 conv
+    linear = len(proj_in) == 2                                   # SD2/SDXL Linear; SD1 1x1 conv
     channels = [int(l["channels"]) for l in levels]
     has_attn = [l["depth"] > 0 for l in levels]
     mid_depth = _transformer_depth(sd, "middle_block.1")
@@ -117,18 +118,18 @@ def unet_config_from_ldm(sd: Mapping[str, torch.Tensor], fam: ModelFamily,
     heads: int | list[int] = [max(1, c // 64) for c in channels] if linear else 8
     config: dict = dict(
         sample_size=128 if fam.is_sdxl else 64, in_channels=in_channels,
-        out_channels=int(sd[P + "out.2.weight"].shape[0]), block_out_channels=tuple(channels),
+        out_channels=int(shape_of(sd, P + "out.2.weight")[0]), block_out_channels=tuple(channels),
         layers_per_block=levels[0]["resnets"],
         down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in has_attn),
         up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(has_attn)),
-        cross_attention_dim=int(attn_k.shape[1]), attention_head_dim=heads,
+        cross_attention_dim=int(attn_k[1]), attention_head_dim=heads,
         use_linear_projection=linear, transformer_layers_per_block=tuple(depths),
         upcast_attention=fam.name == "sd2")
-    time_dim = int(sd[P + "time_embed.0.weight"].shape[0])
+    time_dim = int(shape_of(sd, P + "time_embed.0.weight")[0])
     if time_dim != 4 * model_channels:
         config["time_embedding_dim"] = time_dim
     if P + "label_emb.0.0.weight" in sd:
-        adm = int(sd[P + "label_emb.0.0.weight"].shape[1])       # pooled text + 6 Fourier features
+        adm = int(shape_of(sd, P + "label_emb.0.0.weight")[1])       # pooled text + 6 Fourier features
         if not fam.is_sdxl:
             raise ModelFileError(path, f"unsupported UNet class embedding of width {adm} in a {fam.name} file")
         fourier = (adm - pooled_dim) // 6 if pooled_dim else 256

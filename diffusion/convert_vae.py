@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping
 import torch
 
 from diffusion.errors import ModelFileError
+from diffusion.state_dict import shape_of
 
 VAE_PREFIXES = ("first_stage_model.", "vae.")
 ATTN_TO_LDM = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
@@ -64,10 +65,10 @@ def vae_config_from_ldm(sd: Mapping[str, torch.Tensor], prefix: str, scaling_fac
         raise ModelFileError(path, f"VAE without encoder levels (`{p}encoder.down.*`)")
     blocks = sorted({int(k[len(p + "encoder.down.0.block."):].split(".", 1)[0])
                      for k in sd if k.startswith(p + "encoder.down.0.block.")})
-    channels = tuple(int(sd[f"{p}encoder.down.{i}.block.{len(blocks) - 1}.conv2.weight"].shape[0]) for i in levels)
-    latent = int(sd[p + "decoder.conv_in.weight"].shape[1])
-    config = dict(in_channels=int(sd[p + "encoder.conv_in.weight"].shape[1]),
-                  out_channels=int(sd[p + "decoder.conv_out.weight"].shape[0]), latent_channels=latent,
+    channels = tuple(int(shape_of(sd, f"{p}encoder.down.{i}.block.{len(blocks) - 1}.conv2.weight")[0]) for i in levels)
+    latent = int(shape_of(sd, p + "decoder.conv_in.weight")[1])
+    config = dict(in_channels=int(shape_of(sd, p + "encoder.conv_in.weight")[1]),
+                  out_channels=int(shape_of(sd, p + "decoder.conv_out.weight")[0]), latent_channels=latent,
                   block_out_channels=channels, layers_per_block=len(blocks),
                   down_block_types=("DownEncoderBlock2D",) * len(levels),
                   up_block_types=("UpDecoderBlock2D",) * len(levels),

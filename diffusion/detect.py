@@ -20,6 +20,7 @@ from typing import Literal
 import torch
 
 from diffusion.errors import ModelFileError
+from diffusion.state_dict import shape_of
 
 UNET_PREFIX = "model.diffusion_model."
 FamilyName = Literal["sd1", "sd2", "sdxl"]
@@ -69,9 +70,9 @@ def _has_prefix(keys: Mapping[str, object], prefix: str) -> bool:
 
 def _cross_attention_width(sd: Mapping[str, torch.Tensor]) -> int | None:
     """Context width D from the first `attn2.to_k.weight` [C, D] of the UNet."""
-    for k, v in sd.items():
+    for k in sd:
         if k.startswith(UNET_PREFIX) and k.endswith("attn2.to_k.weight"):
-            return int(v.shape[1])
+            return int(shape_of(sd, k)[1])
     return None
 
 
@@ -107,7 +108,7 @@ def detect_family(sd: Mapping[str, torch.Tensor], path: str | os.PathLike[str] =
     if in_key not in sd:
         raise ModelFileError(path, "no Stable Diffusion UNet (`model.diffusion_model.input_blocks.0.0.weight`) "
                                    f"in it; found {describe_keys(sd)}")
-    in_channels = int(sd[in_key].shape[1])
+    in_channels = int(shape_of(sd, in_key)[1])
     if in_channels not in (4, 9):
         what = "an InstructPix2Pix model (8 input channels)" if in_channels == 8 else f"{in_channels} UNet input channels"
         raise ModelFileError(path, f"unsupported architecture: {what}; expected 4 (txt2img) or 9 (inpainting)")

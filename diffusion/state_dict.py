@@ -10,13 +10,14 @@ Every failure -- missing, truncated, random bytes, no tensors -- is a ModelFileE
 from __future__ import annotations
 
 import codecs
+import json
 import os
 import pickle
 import pickletools
 import re
 import warnings
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -179,3 +180,124 @@ def load_state_dict(path: str | os.PathLike[str], with_metadata: bool = False
     if not tensors and kind == "safetensors":
         raise ModelFileError(p, "the safetensors file holds no tensors")
     return (tensors, meta) if with_metadata else tensors
+
+
+# --- lazy reading: one tensor at a time, optionally cast on read ----------------------------------
+
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+class SafetensorsFile(Mapping[str, torch.Tensor]):
+    """A safetensors file as a read-on-access mapping: `sd[key]` reads that tensor into its own
+    memory (no mmap, so a converted model does not keep the file's pages resident), cast to `dtype`
+    when one is set (floating tensors only). Shapes come from the header without reading."""
+
+    def __init__(self, path: Path, header: dict[str, dict], data_start: int, metadata: dict[str, str],
+                 dtype: torch.dtype | None = None) -> None:
+        self.path, self._header, self._start, self.metadata, self.dtype = path, header, data_start, metadata, dtype
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str]) -> SafetensorsFile:
+        p = Path(path)
+        if not p.is_file():
+            raise ModelFileError(p, "file not found" if not p.exists() else "not a file")
+        try:
+            with safe_open(str(p), framework="pt", device="cpu") as f:    # validates header and sizes
+                metadata = dict(f.metadata() or {})
+        except SafetensorError as e:
+            raise ModelFileError(p, f"not a valid safetensors file or truncated ({e}); found "
+                                    f"{_describe_file(p)}") from None
+        with open(p, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+        header.pop("__metadata__", None)
+        if not header:
+            raise ModelFileError(p, "the safetensors file holds no tensors")
+        unknown = {v["dtype"] for v in header.values()} - set(SAFETENSORS_DTYPES)
+        if unknown:
+            raise ModelFileError(p, f"unsupported tensor dtypes {sorted(unknown)}")
+        return cls(p, header, 8 + n, metadata)
+
+    def cast(self, dtype: torch.dtype | None) -> SafetensorsFile:
+        """The same file, floating tensors cast to `dtype` as they are read."""
+        return SafetensorsFile(self.path, self._header, self._start, self.metadata, dtype)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._header[key]["shape"])
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._header
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._header)
+
+    def __len__(self) -> int:
+        return len(self._header)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        info = self._header[key]
+        begin, end = info["data_offsets"]
+        raw = torch.empty(end - begin, dtype=torch.uint8)
+        with open(self.path, "rb") as f:
+            f.seek(self._start + begin)
+            got = f.readinto(memoryview(raw.numpy()))
+        if got != end - begin:
+            raise ModelFileError(self.path, f"truncated: tensor {key!r} needs {end - begin} bytes, found {got}")
+        t = raw.view(SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
+        if self.dtype is not None and t.is_floating_point() and t.dtype != self.dtype:
+            t = t.to(self.dtype)
+        return t
+
+
+class CastView(Mapping[str, torch.Tensor]):
+    """An in-memory state dict seen with floating tensors cast to `dtype` on access."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype | None) -> None:
+        self._t, self.dtype = tensors, dtype
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._t[key].shape)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._t
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._t)
+
+    def __len__(self) -> int:
+        return len(self._t)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        t = self._t[key]
+        return t.to(self.dtype) if self.dtype is not None and t.is_floating_point() else t
+
+
+def open_state_dict(path: str | os.PathLike[str]) -> SafetensorsFile | CastView:
+    """A model file as a mapping with `.shape(key)` and `.cast(dtype)`-style views: safetensors lazily
+    (read per tensor), torch files loaded (safely) up front."""
+    p = Path(path)
+    if p.is_file() and (p.suffix.lower() in SAFETENSORS_EXTENSIONS or
+                        (p.suffix.lower() not in PICKLE_EXTENSIONS and _sniff(p) == "safetensors")):
+        return SafetensorsFile.open(p)
+    sd = load_state_dict(p)
+    assert isinstance(sd, dict)
+    return CastView(sd, None)
+
+
+def with_dtype(sd: Mapping[str, torch.Tensor], dtype: torch.dtype | None) -> Mapping[str, torch.Tensor]:
+    """`sd` with floating tensors cast to dtype on access."""
+    if isinstance(sd, SafetensorsFile):
+        return sd.cast(dtype)
+    if isinstance(sd, CastView):
+        return CastView(sd._t, dtype)
+    return CastView(sd, dtype)
+
+
+def shape_of(sd: Mapping[str, torch.Tensor], key: str) -> tuple[int, ...]:
+    """A tensor's shape, without reading it when the mapping knows shapes."""
+    getter = getattr(sd, "shape", None)
+    return tuple(getter(key)) if callable(getter) else tuple(sd[key].shape)
