@@ -211,3 +211,49 @@ def test_non_numeric_multiplier_names_the_tag() -> None:
 def test_table_size() -> None:
     # the issue asks for at least 40 prompts with their expected parse
     assert len(EMPHASIS) + len(SCHEDULES) + len(AND_CASES) + len(TAGS) >= 40
+
+
+# --- chunks (prompts.md §10.4, SD1 tokenizer; counts exclude BOS/EOS/padding) ----------------
+from diffusion.a1111_chunks import a1111_layout, materialise          # noqa: E402
+from diffusion.tokenizer import CLIPTokenizer                           # noqa: E402
+
+_TOK = CLIPTokenizer()
+CHUNKS = [
+    ("a photo of a cat", [5]),
+    ("cat, " * 40, [75, 5]),                                  # the 76th token is a comma: no backtrack
+    ("word " * 70 + ", long tail of nine words here to push over", [71, 9]),   # comma backtrack
+    ("word " * 80, [75, 5]),                                  # no comma: plain cut
+    ("a BREAK b", [1, 1]),
+    ("a [cat] BREAK BREAK dog", [2, 0, 1]),
+    ("BREAK a", [0, 1]),
+    ("a BREAK", [1]),                                         # trailing BREAK: no empty last chunk
+    ("", [0]),
+    ("(a BREAK b)", [2]),                                     # bracketed BREAK is not a break
+    ("word " * 75 + "BREAK x", [75, 1]),                      # BREAK closes the full chunk, no empty one
+]
+
+
+@pytest.mark.parametrize("prompt, sizes", CHUNKS, ids=[p[:30] for p, _ in CHUNKS])
+def test_chunk_sizes(prompt: str, sizes: list[int]) -> None:
+    layout = a1111_layout(parse_prompt_attention(prompt), _TOK)
+    assert [len(c) for c in layout] == sizes
+
+
+def test_chunk_ids_and_weights() -> None:
+    layout = a1111_layout(parse_prompt_attention("a photo of a (cat:1.3)"), _TOK)
+    (chunk,) = materialise(layout, "l", 32, pad=49407)
+    assert [t for t, _ in chunk] == [49406, 320, 1125, 539, 320, 2368] + [49407] * 71
+    assert [w for _, w in chunk[:7]] == [1.0, 1.0, 1.0, 1.0, 1.0, 1.3, 1.0]
+    (g_chunk,) = materialise(layout, "g", 64, pad=0)         # OpenCLIP: 0 after the first EOS
+    assert [t for t, _ in g_chunk][5:9] == [2368, 49407, 0, 0]
+
+
+def test_backtracked_tail_keeps_its_weights() -> None:
+    layout = a1111_layout(parse_prompt_attention("word " * 70 + ", (tail:1.5) " + "x " * 8), _TOK)
+    assert [len(c) for c in layout] == [71, 9]
+    assert layout[0][-1] == (267, 1.0) and layout[1][0] == (_TOK.encode("tail")[0], 1.5)
+
+
+def test_no_backtrack_when_the_comma_is_far() -> None:
+    layout = a1111_layout(parse_prompt_attention("a, " + "word " * 80), _TOK)
+    assert [len(c) for c in layout] == [75, 7]
