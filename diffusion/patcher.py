@@ -109,6 +109,11 @@ class FullDiff:
 def _as_adapter(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return FullDiff(value)
+    # ComfyUI plugin spellings of a full difference: ("diff", (tensor,)) and (tensor,)
+    if isinstance(value, tuple) and len(value) == 2 and value[0] == "diff" and isinstance(value[1], tuple):
+        return FullDiff(value[1][0])
+    if isinstance(value, tuple) and len(value) == 1 and isinstance(value[0], torch.Tensor):
+        return FullDiff(value[0])
     if not hasattr(value, "delta"):
         raise TypeError(f"a patch must be a Tensor or have .delta(weight); got {type(value).__name__}")
     return value
@@ -379,13 +384,10 @@ class ModelPatcher:
 
     # ---------------------------------------------------------------- recording
     def clone(self) -> ModelPatcher:
-        c = ModelPatcher.__new__(ModelPatcher)
-        c.model = self.model
-        c.load_device = self.load_device
-        c.offload_device = self.offload_device
-        c.patches = dict(self.patches)
+        c = type(self).__new__(type(self))
+        c.__dict__.update(self.__dict__)          # attributes others set travel along (shallow)
+        c.patches = dict(self.patches)            # tuples of frozen records: sharing them is safe
         c.model_options = _copy_options(self.model_options)
-        c._param_shapes = self._param_shapes
         return c
 
     def parameter_shapes(self) -> dict[str, torch.Size]:

@@ -240,3 +240,15 @@ def test_patch_model_with_an_equal_patch_set_does_no_work():
     assert DELTA_CACHE.hits + DELTA_CACHE.misses == calls
     assert m[0].weight.data_ptr() == ptr and torch.equal(m[0].weight.detach(), value)
     p1.unpatch_model()
+
+
+def test_comfyui_style_diff_tuples_are_accepted():
+    m = small_module()
+    ref = snapshot(m)
+    p = ModelPatcher(m, "cpu", "cpu")
+    p.add_patches({"0.weight": ("diff", (torch.ones(24, 16),)), "2.weight": (torch.ones(8, 24),)}, 0.25, "plugin")
+    p.patch_model()
+    assert torch.equal(m[0].weight.detach(), ref["0.weight"] + 0.25)
+    assert torch.equal(m[2].weight.detach(), ref["2.weight"] + 0.25)
+    p.unpatch_model()
+    assert bit_equal(m, ref)
