@@ -89,18 +89,23 @@ def restore(store: QueueStore, queue: JobQueue, history: HistoryBook) -> None:
             queue.bump_counter(float(entry["prompt"][0]))
         except (KeyError, IndexError, TypeError, ValueError):
             pass
+    crashed = store.read_marker()
     again = []
     for job in jobs:
         queue.bump_counter(job.number)
+        if job.prompt_id == crashed:
+            job.attempts += 1
+            store.write([store.op_start(job)])
         if job.attempts > MAX_RETRIES:
             entry = crashed_entry(job, job.attempts)
             history.add(job.prompt_id, entry)
             store.write(store.op_finish(job.prompt_id, entry))
             log.warning("prompt %s stopped the server %d times; marked failed", job.prompt_id, job.attempts)
         else:
-            if job.attempts:
+            if job.prompt_id == crashed:
                 log.warning("prompt %s was running when the server stopped; running it again", job.prompt_id)
             again.append(job)
+    store.mark_running(None)
     queue.put(again)
 
 
@@ -120,12 +125,15 @@ def create_app(settings: Settings, registry: Any = None) -> web.Application:
             from nodes.environment import ensure_demo_files
             ensure_demo_files(job.prompt, folders)
 
-    worker = Worker(executor, queue, history, store, hub, folders, settings.preview_method, prepare, compat)
+    st_box: list[ServerState] = []
+    worker = Worker(executor, queue, history, store, hub, folders, settings.preview_method, prepare, compat,
+                    specs=lambda: routes_prompt.spec_table(st_box[0]))
     hub.on_connect = worker.connect_replay
     batcher = AcceptBatcher(store, queue, hub.send_status)
     web_root = find_web_root(settings.frontend_root) if settings.frontend else None
     st = ServerState(settings, registry, folders, executor, queue, history, store, batcher, hub, worker,
                      flags, compat, web_root)
+    st_box.append(st)
 
     middlewares = [errors_middleware, origin_middleware(settings.loopback_only, settings.enable_cors_header),
                    token_middleware(settings.token)]
@@ -158,6 +166,7 @@ def create_app(settings: Settings, registry: Any = None) -> web.Application:
     async def on_cleanup(app: web.Application) -> None:
         if compat is not None:
             compat.detach()
+        batcher.close()
         store.close()
 
     app.on_startup.append(on_startup)

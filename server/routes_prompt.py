@@ -86,7 +86,7 @@ async def post_prompt(request: web.Request) -> web.Response:
     if st.settings.demo_files:
         await ensure_demo(st, prompt)
     with use_folders(st.folders):
-        report = validate_prompt(prompt, SpecTable(st.registry), targets)
+        report = validate_prompt(prompt, spec_table(st), targets)
     if not report.ok:
         return web.json_response(report.to_json(), status=400)
 
@@ -103,6 +103,20 @@ async def post_prompt(request: web.Request) -> web.Response:
               sensitive=secret, report=report)
     await st.batcher.add(job)
     return web.json_response({"prompt_id": job.prompt_id, "number": number, "node_errors": report.node_errors})
+
+
+SPEC_TABLE_SECONDS = 1.0
+
+
+def spec_table(st: ServerState) -> SpecTable:
+    """The node specs for validation, re-read at most once a second (INPUT_TYPES lists model files;
+    ComfyUI also caches those listings briefly), so a burst of prompts does not re-read them each."""
+    now = time.monotonic()
+    cached = st.spec_table
+    if cached is None or now - cached[0] > SPEC_TABLE_SECONDS:
+        cached = (now, SpecTable(st.registry))
+        st.spec_table = cached
+    return cached[1]
 
 
 _DEMO_SEEN: set[frozenset[str]] = set()

@@ -94,6 +94,7 @@ class ServerState:
     server_flags: dict[str, Any]
     compat: Any = None       # PromptServer.instance
     web_root: Path | None = None
+    spec_table: tuple[float, Any] | None = None   # (monotonic time, graph.nodespec.SpecTable) for validation
 
 
 STATE = web.AppKey("easel_state", ServerState)

@@ -5,11 +5,12 @@ through `JobEvents` (the executor's sink), which turns them into websocket messa
 (`Hub.post_threadsafe`). protocol.md 4 order at the end of a job: the terminal event
 (`execution_success` / `_error` / `_interrupted`), then `status`, then `executing {node: null}`,
 and only once the history entry exists, so the executor's own terminal events are held back
-until the entry is written (memory first, then SQLite together with the next job's start mark).
+until the entry is in the history (memory; SQLite in batches, see queue_store.py).
 `progress_state` is synthesised here from `executing` / `progress` / `executed`.
 """
 from __future__ import annotations
 
+import inspect
 import io
 import logging
 import threading
@@ -26,6 +27,8 @@ from .websocket import Hub, Preview
 
 log = logging.getLogger("easel.server")
 
+SAVE_DELAY = 0.05      # seconds a finished job may wait for its history commit while jobs keep coming
+SAVE_BATCH = 256       # or this many jobs
 HELD = (ev.EXECUTION_SUCCESS, ev.EXECUTION_ERROR, ev.EXECUTION_INTERRUPTED)
 PREVIEW_MAX_SIZE = 512
 
@@ -167,18 +170,24 @@ class Worker:
 
     def __init__(self, executor: Executor, queue: JobQueue, history: HistoryBook, store: QueueStore,
                  hub: Hub, folders: ModelFolders, preview_method: str = "none",
-                 prepare: Callable[[Job], None] | None = None, compat: Any = None) -> None:
+                 prepare: Callable[[Job], None] | None = None, compat: Any = None,
+                 specs: Callable[[], Any] | None = None) -> None:
         self.executor, self.queue, self.history, self.store, self.hub = executor, queue, history, store, hub
         self.folders = folders
         self.preview_method = preview_method
         self.prepare = prepare           # e.g. ensure_demo_files before a run
         self.compat = compat             # PromptServer.instance, for plugins reading client_id etc.
+        # the server's short-lived SpecTable, handed to executors that accept one (saves re-reading
+        # every node class, and the model-file listings of loaders, for each run)
+        self.specs = specs if specs is not None and "specs" in inspect.signature(executor.run).parameters else None
         self.current_node: str | None = None
         self.pending_interrupt: str | None = None
         self.free_request: dict[str, bool] = {}
         self.jobs_done = 0
         self._events: JobEvents | None = None
         self._stopping = False
+        self._unsaved: list[tuple[str, Any]] = []
+        self._unsaved_since = 0.0
         self._thread: threading.Thread | None = None
         executor.sink = self._sink
 
@@ -232,14 +241,14 @@ class Worker:
             job: Job | None = None
             while not self._stopping:
                 if job is None:
+                    self._save()                 # idle: the finished jobs go to disk now
                     self._apply_free()
                     job = self.queue.take(timeout=0.5)
                     if job is None:
                         continue
-                    self._apply_free()       # a /free that came while waiting goes before this job
-                    job.attempts += 1
-                    self.store.write([self.store.op_start(job)])
+                    self._apply_free()           # a /free that came while waiting goes before this job
                 job = self._run(job)
+            self._save()
 
     def _apply_free(self) -> None:
         request, self.free_request = self.free_request, {}
@@ -249,9 +258,20 @@ class Worker:
             import gc
             gc.collect()
 
+    def _save(self) -> None:
+        """Write the finished jobs not on disk yet (history entries in, queue rows out) in one commit."""
+        if not self._unsaved:
+            return
+        ops, self._unsaved = self._unsaved, []
+        try:
+            self.store.write([*ops, self.store.op_trim()])
+        except Exception:
+            log.exception("writing %d history entries failed", len(ops) // 3)
+
     def _run(self, job: Job) -> Job | None:
-        """Run `job`; return the next job (already marked started) when one was waiting."""
+        """Run `job`; return the next job when one is waiting."""
         job.start_time = int(time.time() * 1000)
+        self.store.mark_running(job.prompt_id)
         events = JobEvents(self, job)
         self._events = events
         self.current_node = None
@@ -260,25 +280,21 @@ class Worker:
         self._events = None
         self.current_node = None
         self.pending_interrupt = None
+        self.store.mark_running(None)
         if self._stopping and result.status == "interrupted":
-            # a graceful shutdown stopped it: run it again at the next start, not counted as a try
-            job.attempts -= 1
-            self.store.write([self.store.op_start(job)])
+            # a graceful shutdown stopped it: it stays queued on disk and runs at the next start
             self.queue.done(job)
             return None
         status_str = "success" if result.status == "success" else "error"
         entry = history_entry(job, status_str, result.outputs, result.messages)
         self.history.add(job.prompt_id, entry)
         self.queue.done(job)
+        if not self._unsaved:
+            self._unsaved_since = time.monotonic()
+        self._unsaved.extend(self.store.op_finish(job.prompt_id, entry))
         nxt = None if self._stopping or self.free_request else self.queue.take(timeout=0)
-        ops = [*self.store.op_finish(job.prompt_id, entry), self.store.op_trim()]
-        if nxt is not None:
-            nxt.attempts += 1
-            ops.append(self.store.op_start(nxt))
-        try:
-            self.store.write(ops)
-        except Exception:
-            log.exception("writing the history of %s failed", job.prompt_id)
+        if nxt is None or time.monotonic() - self._unsaved_since > SAVE_DELAY or len(self._unsaved) > SAVE_BATCH * 3:
+            self._save()
         self.jobs_done += 1
         for event, data in events.held:
             if event == ev.EXECUTION_INTERRUPTED:
@@ -293,8 +309,9 @@ class Worker:
         try:
             if self.prepare is not None:
                 self.prepare(job)
+            extra = {"specs": self.specs()} if self.specs is not None and job.report is not None else {}
             result = self.executor.run(job.prompt, job.prompt_id, {**job.extra_data, **job.sensitive},
-                                       targets=job.targets, report=job.report)
+                                       targets=job.targets, report=job.report, **extra)
         except Exception as exc:   # the executor itself failed: report it like a node error
             import traceback
             payload = {"prompt_id": job.prompt_id, "node_id": None, "node_type": None, "executed": [],
