@@ -196,28 +196,30 @@ SDXL_UNET_CONFIG = dict(sample_size=128, in_channels=4, out_channels=4, block_ou
 
 
 def _random_like(shapes: dict[str, torch.Size], gen: torch.Generator, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Init-like random tensors: 1-D norm weights near 1, biases near 0, matrices ~ N(0, 1/fan_in)."""
+    """Init-like random tensors: 1-D norm weights near 1, biases near 0, matrices ~ N(0, 1/fan_in).
+    Drawn on the generator's device (a CUDA generator is much faster), returned on the CPU."""
     out = {}
+    dev = gen.device
     for name, shape in shapes.items():
         if len(shape) == 1:
             base = 1.0 if ("norm" in name and name.endswith("weight")) else 0.0
-            t = base + 0.02 * torch.randn(shape, generator=gen)
+            t = base + 0.02 * torch.randn(shape, generator=gen, device=dev)
         else:
             fan_in = max(1, int(torch.Size(shape[1:]).numel()))
-            t = torch.randn(shape, generator=gen) * fan_in ** -0.5
-        out[name] = t.to(dtype)
+            t = torch.randn(shape, generator=gen, device=dev) * fan_in ** -0.5
+        out[name] = t.to(dtype).cpu()
     return out
 
 
-def full_size_components(family: str = "sd1", dtype: torch.dtype = torch.float16, seed: int = 0
-                         ) -> dict[str, torch.Tensor]:
+def full_size_components(family: str = "sd1", dtype: torch.dtype = torch.float16, seed: int = 0,
+                         device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """ldm-layout random tensors of a full-size SD1.5 (or SDXL base) architecture, built without
     instantiating fp32 modules (shapes from meta-device modules)."""
     from diffusion.convert_clip import clip_config as hf_clip_config, clip_l_to_ldm, openclip_to_ldm
     from diffusion.convert_unet import unet_key_map
     from diffusion.convert_vae import diffusers_to_ldm_name as vae_name, _is_linear_attn
 
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)
     with torch.device("meta"):
         unet = UNet2DConditionModel(**(SDXL_UNET_CONFIG if family == "sdxl" else SD15_UNET_CONFIG))
         vae = AutoencoderKL(**{**SD15_VAE_CONFIG, "scaling_factor": 0.13025 if family == "sdxl" else 0.18215})
@@ -255,13 +257,14 @@ class _Holder(torch.nn.Module):
 
 
 def write_full_size_checkpoint(path: str | os.PathLike[str], family: str = "sd1",
-                               dtype: torch.dtype = torch.float16, seed: int = 0) -> Path:
+                               dtype: torch.dtype = torch.float16, seed: int = 0,
+                               device: torch.device | str = "cpu") -> Path:
     """A full-size random SD1.5-architecture (or SDXL) checkpoint in ldm layout, for benchmarks."""
     from safetensors.torch import save_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial")
-    save_file(full_size_components(family, dtype, seed), str(tmp), metadata={"easel_demo": f"full-size random {family}"})
+    save_file(full_size_components(family, dtype, seed, device), str(tmp), metadata={"easel_demo": f"full-size random {family}"})
     os.replace(tmp, path)
     return path
