@@ -232,7 +232,8 @@ def compute_patched(original: torch.Tensor, records: Sequence[WeightPatch],
                     acc.copy_(value)
             else:
                 # weight-dependent deltas depend on the running weight: key them by what came before
-                key = _cache_key(adapter, running, base if adapter.weight_dependent else ())
+                key = _cache_key(adapter, running,
+                                 (identity_token(original),) + base if adapter.weight_dependent else ())
                 d = cache.get(key)
                 if d is None:
                     d = adapter.delta(running)

@@ -252,3 +252,18 @@ def test_comfyui_style_diff_tuples_are_accepted():
     assert torch.equal(m[2].weight.detach(), ref["2.weight"] + 0.25)
     p.unpatch_model()
     assert bit_equal(m, ref)
+
+
+def test_weight_dependent_deltas_are_cached_per_original_weight():
+    from diffusion.lora_weights import IA3
+    ia3 = IA3(torch.linspace(-1, 1, 24))
+    m1, m2 = small_module(), small_module()
+    with torch.no_grad():
+        m2[0].weight.mul_(3.0)
+    for m in (m1, m2):
+        w0 = m[0].weight.detach().clone()
+        p = ModelPatcher(m, "cpu", "cpu")
+        p.add_patches({"0.weight": ia3}, 0.5, "ia3")
+        p.patch_model()
+        assert (m[0].weight - (w0 + 0.5 * w0 * torch.linspace(-1, 1, 24)[:, None])).abs().max() <= 1e-6
+        p.unpatch_model()
