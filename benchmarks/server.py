@@ -214,6 +214,9 @@ async def main_async(args: argparse.Namespace) -> None:
             print(f"{name}: {args.prompts} prompts, {args.clients} clients, median of {args.rounds}: "
                   f"accepted {a:.0f}/s, executed end to end {d:.0f}/s; server CPU {cpu:.0f} µs per prompt "
                   f"(= {1e6 / cpu:.0f} prompts/s per core; {cpu / ref_us:.1f}x the bare executor)")
+        one = [await throughput(url, port, proc.pid, PURE, 500, 1) for _ in range(3)]
+        rt = statistics.median(r[0] for r in one)
+        print(f"one client, sequential POST /prompt round trips (pure graph): {rt:.0f}/s ({1e3 / rt:.2f} ms each)")
         med, slow = await fanout(url, 50, args.fanout_rounds)
         print(f"websocket fan-out, 50 clients, one broadcast status after POST /prompt: "
               f"median client {med:.2f} ms, slowest client {slow:.2f} ms (median of {args.fanout_rounds} rounds)")

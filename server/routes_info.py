@@ -225,7 +225,7 @@ async def post_settings(request: web.Request) -> web.Response:
 async def post_setting(request: web.Request) -> web.Response:
     st = state(request)
     values = _read_settings(st)
-    values[request.match_info["id"]] = await read_json(request, (dict, list, str, int, float, bool), empty="")
+    values[request.match_info["id"]] = await read_json(request, (dict, list, str, int, float, bool, type(None)), empty="")
     _write_settings(st, values)
     return web.Response(status=200)
 
