@@ -76,7 +76,7 @@ def start_server(base: Path, port: int) -> subprocess.Popen[bytes]:
             return proc
         except OSError:
             if proc.poll() is not None:
-                raise SystemExit(f"server exited: {(base / 'server.log').read_text()[-2000:]}")
+                raise SystemExit(f"server exited: {(base / 'server.log').read_text()[-2000:]}") from None
             time.sleep(0.2)
     proc.kill()
     raise SystemExit("server did not start")
@@ -142,7 +142,7 @@ async def fanout(url: str, n_clients: int, rounds: int) -> tuple[float, float]:
         for _ in range(rounds):
             arrivals: list[float] = []
 
-            async def listen(ws: aiohttp.ClientWebSocketResponse) -> None:
+            async def listen(ws: aiohttp.ClientWebSocketResponse, arrivals: list[float] = arrivals) -> None:
                 while True:
                     msg = await ws.receive()
                     data = json.loads(msg.data)
@@ -162,7 +162,7 @@ async def fanout(url: str, n_clients: int, rounds: int) -> tuple[float, float]:
             for ws in sockets:          # drain the status(0) of this round
                 while True:
                     try:
-                        msg = await asyncio.wait_for(ws.receive(), 0.05)
+                        await asyncio.wait_for(ws.receive(), 0.05)
                     except asyncio.TimeoutError:
                         break
         for ws in sockets:
@@ -193,7 +193,8 @@ async def main_async(args: argparse.Namespace) -> None:
     base = Path(tempfile.mkdtemp(prefix="easel-bench-"))
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    print(f"load average before: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (other work on the machine skews wall-clock figures; CPU µs per prompt does not)")
+    print(f"load average before: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs "
+          "(other work on the machine skews wall-clock figures; CPU µs per prompt does not)")
     t0 = time.perf_counter()
     proc = start_server(base, port)
     print(f"server started in {time.perf_counter() - t0:.1f} s (pid {proc.pid}); idle RSS {rss_mib(proc.pid):.0f} MiB")
@@ -220,8 +221,9 @@ async def main_async(args: argparse.Namespace) -> None:
         med, slow = await fanout(url, 50, args.fanout_rounds)
         print(f"websocket fan-out, 50 clients, one broadcast status after POST /prompt: "
               f"median client {med:.2f} ms, slowest client {slow:.2f} ms (median of {args.fanout_rounds} rounds)")
+        db_mib = os.path.getsize(base / "user" / "easel_queue.sqlite3") / 2**20
         print(f"server RSS after the runs (history of {min(args.prompts * args.rounds * 2, 10000)} entries kept): "
-              f"{rss_mib(proc.pid):.0f} MiB; SQLite file {os.path.getsize(base / 'user' / 'easel_queue.sqlite3') / 2**20:.1f} MiB")
+              f"{rss_mib(proc.pid):.0f} MiB; SQLite file {db_mib:.1f} MiB")
     finally:
         proc.terminate()
         proc.wait(30)

@@ -86,7 +86,7 @@ def _header_name(name: str) -> str:
 def _reencoded(path: Path, preview: str | None, channel: str) -> web.Response:
     from PIL import Image
     try:
-        img = Image.open(path)
+        img: Image.Image = Image.open(path)
         img.load()
     except Exception:
         return json_error(400, f"{path.name} is not an image that can be re-encoded")
@@ -229,7 +229,8 @@ def _apply_mask(st: ServerState, original_ref: str, data: bytes) -> bytes:
         raise ValueError("original_ref must be a JSON object with a 'filename'")
     name, kind = split_annotation(ref["filename"], ref.get("type") or "input")
     relative_parts(name, "original_ref filename")
-    path = safe_join(type_folder(st, kind), (ref.get("subfolder") or "", "original_ref subfolder"), (name, "original_ref filename"))
+    path = safe_join(type_folder(st, kind), (ref.get("subfolder") or "", "original_ref subfolder"),
+                     (name, "original_ref filename"))
     if not path.is_file():
         raise ValueError(f"original_ref {kind}/{name} not found")
     with Image.open(path) as original:

@@ -2,8 +2,8 @@
 
 - `safe_join(root, *parts)`: a user-supplied relative path inside `root`, or `UnsafePath`:
   `..`, absolute paths, drive letters, backslashes, NUL and control characters, invalid UTF-8
-  (U+FFFD after decoding), percent-encoded separators or dots, names that NFKC-normalise to something else dangerous (fullwidth dots
-  and slashes), and symlinks that lead out of `root` are all refused.
+  (U+FFFD after decoding), percent-encoded separators or dots, names that NFKC-normalise to
+  something dangerous (fullwidth dots and slashes), and symlinks out of `root` are all refused.
 - `token_middleware`: with `--token`, every route and the websocket need it, as
   `Authorization: Bearer T`, `?token=T` (the first page load; it then sets a SameSite=Strict
   cookie so the frontend's own requests carry it) or that cookie.

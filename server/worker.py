@@ -15,6 +15,7 @@ import io
 import logging
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -313,11 +314,11 @@ class Worker:
             result = self.executor.run(job.prompt, job.prompt_id, {**job.extra_data, **job.sensitive},
                                        targets=job.targets, report=job.report, **extra)
         except Exception as exc:   # the executor itself failed: report it like a node error
-            import traceback
-            payload = {"prompt_id": job.prompt_id, "node_id": None, "node_type": None, "executed": [],
-                       "exception_message": f"{type(exc).__name__}: {exc}", "exception_type": type(exc).__name__,
-                       "traceback": traceback.format_exception(exc), "current_inputs": {}, "current_outputs": [],
-                       "timestamp": ev.timestamp_ms()}
+            payload: dict[str, Any] = {
+                "prompt_id": job.prompt_id, "node_id": None, "node_type": None, "executed": [],
+                "exception_message": f"{type(exc).__name__}: {exc}", "exception_type": type(exc).__name__,
+                "traceback": traceback.format_exception(exc), "current_inputs": {}, "current_outputs": [],
+                "timestamp": ev.timestamp_ms()}
             events(ev.EXECUTION_ERROR, payload)
             return RunResult(job.prompt_id, "error", error=payload, messages=[(ev.EXECUTION_ERROR, payload)])
         finally:
@@ -337,7 +338,8 @@ def crashed_entry(job: Job, attempts: int) -> dict[str, Any]:
     """History entry of a job the server died on twice (it is not tried again)."""
     reason = (f"the server process stopped while this prompt was running ({attempts} attempts); "
               "it was not retried again")
-    payload = {"prompt_id": job.prompt_id, "node_id": None, "node_type": None, "executed": [],
-               "exception_message": reason, "exception_type": "ServerCrashed", "traceback": [],
-               "current_inputs": {}, "current_outputs": [], "timestamp": int(time.time() * 1000)}
+    payload: dict[str, Any] = {
+        "prompt_id": job.prompt_id, "node_id": None, "node_type": None, "executed": [],
+        "exception_message": reason, "exception_type": "ServerCrashed", "traceback": [],
+        "current_inputs": {}, "current_outputs": [], "timestamp": int(time.time() * 1000)}
     return history_entry(job, "error", {}, [(ev.EXECUTION_ERROR, payload)])
