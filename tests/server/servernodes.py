@@ -88,7 +88,22 @@ class KillProcess:
         return {"ui": {}}
 
 
-NODE_CLASS_MAPPINGS = {"SolidImage": SolidImage, "SlowCount": SlowCount, "ShowInt": ShowInt, "KillProcess": KillProcess}
+class Fail:
+    """Raises, so the job ends with execution_error."""
+    CATEGORY = "test"
+    FUNCTION = "run"
+    RETURN_TYPES = ()
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        return {"required": {"message": ("STRING", {"default": "boom"})}}
+
+    def run(self, message: str) -> dict[str, Any]:
+        raise RuntimeError(message)
+
+
+NODE_CLASS_MAPPINGS = {"Fail": Fail, "SolidImage": SolidImage, "SlowCount": SlowCount, "ShowInt": ShowInt, "KillProcess": KillProcess}
 
 
 def make_registry() -> Registry:

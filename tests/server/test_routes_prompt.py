@@ -313,3 +313,21 @@ async def test_free_drops_the_cache(client: TestClient) -> None:
     messages = await follow(ws, second)
     ran = [m["data"]["node"] for m in messages if m["type"] == "executing" and m["data"]["node"]]
     assert ran == ["1", "2"]
+
+
+async def test_a_failing_node_reports_execution_error_everywhere(client: TestClient) -> None:
+    ws = await client.ws_connect("/ws?clientId=err")
+    prompt_id = await queue(client, {"1": {"class_type": "Fail", "inputs": {"message": "kaput"}}}, client_id="err")
+    messages = await follow(ws, prompt_id)
+    assert collapse(types(messages))[-5:] == ["executing", "progress_state", "execution_error", "status", "executing"]
+    error = [m for m in messages if m["type"] == "execution_error"][0]["data"]
+    assert error["node_id"] == "1" and error["node_type"] == "Fail"
+    assert error["exception_type"] == "RuntimeError" and error["exception_message"] == "kaput"
+    states = [m for m in messages if m["type"] == "progress_state"][-1]["data"]["nodes"]
+    assert states["1"]["state"] == "error"
+    entry = await wait_history(client, prompt_id)
+    assert entry["status"]["status_str"] == "error" and entry["status"]["messages"][-1][0] == "execution_error"
+    job = await (await client.get(f"/api/jobs/{prompt_id}")).json()
+    assert job["status"] == "failed" and job["execution_error"]["exception_message"] == "kaput"
+    # the server keeps going
+    assert (await wait_history(client, await queue(client, image_prompt(1))))["status"]["status_str"] == "success"
