@@ -165,3 +165,18 @@ async def test_mask_upload_replaces_alpha_and_keeps_text(client: TestClient, bas
     assert out.getpixel((1, 1)) == (10, 20, 30, 77) and out.text.get("prompt") == "kept"
     r = await client.post("/upload/mask", data=form(mask, "m.png", original_ref=json.dumps({"filename": "../x.png"})))
     assert r.status in (400, 403)
+
+
+async def test_view_metadata_reads_the_safetensors_header(client: TestClient, base: Path) -> None:
+    import struct
+    folder = base / "models" / "loras"
+    folder.mkdir(parents=True)
+    header = json.dumps({"__metadata__": {"ss_network_dim": "4"}, "w": {"dtype": "F32", "shape": [1],
+                                                                        "data_offsets": [0, 4]}}).encode()
+    (folder / "l.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + b"\0\0\0\0")
+    r = await client.get("/view_metadata/loras", params={"filename": "l.safetensors"})
+    assert r.status == 200 and await r.json() == {"ss_network_dim": "4"}
+    assert (await client.get("/api/view_metadata/loras", params={"filename": "none.safetensors"})).status == 404
+    assert (await client.get("/view_metadata/nope", params={"filename": "l.safetensors"})).status == 404
+    r = await client.get("/view_metadata/loras", params={"filename": "../../user/x.safetensors"})
+    assert r.status in (400, 403, 404)

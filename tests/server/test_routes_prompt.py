@@ -331,3 +331,16 @@ async def test_a_failing_node_reports_execution_error_everywhere(client: TestCli
     assert job["status"] == "failed" and job["execution_error"]["exception_message"] == "kaput"
     # the server keeps going
     assert (await wait_history(client, await queue(client, image_prompt(1))))["status"]["status_str"] == "success"
+
+
+async def test_partial_execution_targets_run_only_what_they_need(client: TestClient) -> None:
+    ws = await client.ws_connect("/ws?clientId=part")
+    prompt = slow_prompt(steps=1, tag=31)
+    prompt_id = await queue(client, prompt, client_id="part", partial_execution_targets=["4"])
+    messages = await follow(ws, prompt_id)
+    ran = [m["data"]["node"] for m in messages if m["type"] == "executing" and m["data"]["node"]]
+    assert ran == ["3", "4"]                       # the SlowCount branch (1 -> 2) did not run
+    entry = await wait_history(client, prompt_id)
+    assert list(entry["outputs"]) == ["4"] and entry["prompt"][4] == ["4"]
+    r = await client.post("/prompt", json={"prompt": prompt, "partial_execution_targets": ["99"]})
+    assert r.status == 400 and (await r.json())["error"]["type"] == "prompt_no_outputs"
