@@ -80,6 +80,8 @@ async def post_prompt(request: web.Request) -> web.Response:
     if prompt_id is not None and not is_canonical_uuid(prompt_id):
         return prompt_error("invalid_prompt_id", "prompt_id must be a UUID in canonical lowercase form",
                             f"received {prompt_id!r}")
+    if prompt_id is not None and (st.queue.get(prompt_id) is not None or st.history.get(prompt_id) is not None):
+        return prompt_error("invalid_prompt_id", "prompt_id is already in use", f"{prompt_id} is queued or in the history")
     extra = body.get("extra_data") or {}
     if not isinstance(extra, dict):
         return prompt_error("invalid_prompt", "extra_data must be a JSON object", f"received {type(extra).__name__}")

@@ -141,6 +141,8 @@ async def test_caller_chosen_prompt_id_and_history_by_id(client: TestClient) -> 
     assert await queue(client, image_prompt(3), prompt_id=pid) == pid
     entry = await wait_history(client, pid)
     assert entry["prompt"][1] == pid
+    r = await client.post("/prompt", json={"prompt": image_prompt(3), "prompt_id": pid})
+    assert r.status == 400 and "already" in (await r.json())["error"]["message"]
     assert await (await client.get(f"/history/{uuid.uuid4()}")).json() == {}
     other = await queue(client, image_prompt(4))
     await wait_history(client, other)
