@@ -345,6 +345,11 @@ def _state(model: torch.nn.Module) -> _ModuleState:
         return st
 
 
+def same_device(a: torch.device, b: torch.device) -> bool:
+    """"cuda" and "cuda:0" name the same device here (an unindexed device is the current one)."""
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
+
+
 def _module_device(model: torch.nn.Module) -> torch.device | None:
     for p in model.parameters():
         return p.device
@@ -444,7 +449,7 @@ class ModelPatcher:
         st = _state(self.model)
         with st.lock:
             current = _module_device(self.model)
-            if current is not None and current != target:
+            if current is not None and not same_device(current, target):
                 if st.applied:
                     self._restore_weights(st, list(st.applied))
                 self.model.to(target)
@@ -464,7 +469,7 @@ class ModelPatcher:
                     # the original tensor object is kept as it is (no copy) when it lives on the
                     # offload device; a weight on the accelerator is backed up to the offload device
                     src = p.data
-                    st.originals[key] = src if p.device == self.offload_device else src.to(self.offload_device, copy=True)
+                    st.originals[key] = src if same_device(p.device, self.offload_device) else src.to(self.offload_device, copy=True)
                     reuse = None
                 else:
                     src = orig if orig.device == p.device else orig.to(p.device)

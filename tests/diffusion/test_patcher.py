@@ -267,3 +267,10 @@ def test_weight_dependent_deltas_are_cached_per_original_weight():
         p.patch_model()
         assert (m[0].weight - (w0 + 0.5 * w0 * torch.linspace(-1, 1, 24)[:, None])).abs().max() <= 1e-6
         p.unpatch_model()
+
+
+def test_device_names_compare_by_type_and_index():
+    from diffusion.patcher import same_device
+    assert same_device(torch.device("cuda"), torch.device("cuda:0"))
+    assert not same_device(torch.device("cuda:1"), torch.device("cuda:0"))
+    assert not same_device(torch.device("cpu"), torch.device("cuda"))
