@@ -141,3 +141,24 @@ def test_a_prompt_that_kills_the_server_twice_is_marked_failed(server_dir) -> No
     assert third.wait_history(after)["status"]["status_str"] == "success"
     jobs = third.get("/api/jobs?status=failed")["jobs"]
     assert [j["id"] for j in jobs] == [killer]
+
+
+def test_graceful_stop_keeps_the_running_prompt_queued(server_dir) -> None:
+    first = server_dir()
+    running = first.post_prompt(slow_prompt(steps=100000, delay=0.002, tag=2))
+    deadline = time.monotonic() + 10
+    while first.get(f"/api/jobs/{running}")["status"] != "in_progress":
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert first.proc is not None
+    first.proc.send_signal(signal.SIGTERM)          # what `easel serve` gets from a service manager
+    assert first.wait_dead() == 0
+    second = server_dir()
+    pending = second.get(f"/api/jobs/{running}")
+    assert pending["status"] in ("pending", "in_progress")   # queued again, not failed
+    second.call("POST", "/interrupt")
+    deadline = time.monotonic() + 10
+    while second.get(f"/api/jobs/{running}")["status"] != "cancelled":
+        assert time.monotonic() < deadline
+        second.call("POST", "/interrupt")
+        time.sleep(0.05)
