@@ -14,7 +14,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
-from collections.abc import Iterator
+import itertools
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -127,3 +128,53 @@ def empty_cache(device: torch.device) -> None:
         torch.cuda.empty_cache()
     elif device.type == "mps":
         torch.mps.empty_cache()
+
+
+# --- who holds accelerator memory, and making room ------------------------------------------------
+
+_loaded: dict[int, tuple[torch.device, int, object]] = {}     # id(owner) -> (device, bytes, offload fn)
+_order: list[int] = []                                        # least recently used first
+RESERVE_BYTES = 1 << 30                                       # kept free for activations
+
+
+def module_bytes(module: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in itertools.chain(module.parameters(), module.buffers()))
+
+
+def mark_loaded(owner: object, device: torch.device, nbytes: int, offload: Callable[[], None]) -> None:
+    """Record that `owner` holds `nbytes` on `device`; `offload()` moves it off when room is needed."""
+    key = id(owner)
+    _loaded[key] = (device, nbytes, offload)
+    if key in _order:
+        _order.remove(key)
+    _order.append(key)
+
+
+def mark_offloaded(owner: object) -> None:
+    _loaded.pop(id(owner), None)
+    if id(owner) in _order:
+        _order.remove(id(owner))
+
+
+def make_room(device: torch.device, needed: int, keep: object | None = None) -> None:
+    """Offload the least recently used models on `device` until `needed` bytes (+ a reserve) are free.
+    Does nothing on the CPU (no accelerator memory to share)."""
+    free = free_memory(device)
+    if free is None:
+        return
+    for key in list(_order):
+        if free >= needed + RESERVE_BYTES:
+            break
+        dev, nbytes, offload = _loaded[key]
+        if dev != device or (keep is not None and key == id(keep)):
+            continue
+        offload()                                             # type: ignore[operator]
+        mark_offloaded_key(key)
+        empty_cache(device)
+        free = free_memory(device) or 0
+
+
+def mark_offloaded_key(key: int) -> None:
+    _loaded.pop(key, None)
+    if key in _order:
+        _order.remove(key)

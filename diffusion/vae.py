@@ -13,6 +13,7 @@ from collections.abc import Callable
 import torch
 from diffusers import AutoencoderKL
 
+from diffusion import devices
 from diffusion.detect import ModelFamily
 
 MAX_PIXELS_PER_CHUNK = 4 * 1024 * 1024      # images decoded at once: about four 1024x1024
@@ -47,11 +48,22 @@ class VAE:
         return int(self.module.config.latent_channels)
 
     def _load(self) -> None:
-        torch.nn.Module.to(self.module, device=self.load_device)
+        if self.load_device == self.offload_device:
+            return
+        nbytes = devices.module_bytes(self.module)
+        if next(self.module.parameters()).device != self.load_device:
+            devices.make_room(self.load_device, nbytes, keep=self)
+            torch.nn.Module.to(self.module, device=self.load_device)
+        devices.mark_loaded(self, self.load_device, nbytes, self.offload)
+
+    def offload(self) -> None:
+        """Move the weights to the offload device (called when another model needs the memory)."""
+        torch.nn.Module.to(self.module, self.offload_device)
+        devices.mark_offloaded(self)
 
     def _done(self) -> None:
         if not self.keep_loaded and self.load_device != self.offload_device:
-            torch.nn.Module.to(self.module, self.offload_device)
+            self.offload()
 
     # --- raw passes on one chunk (device tensors in, device tensors out) --------------------------
     def _decode_raw(self, z: torch.Tensor) -> torch.Tensor:          # [b, C, h, w] scaled -> [b, 3, H, W] in -1..1
