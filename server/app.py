@@ -135,8 +135,9 @@ def create_app(settings: Settings, registry: Any = None) -> web.Application:
                      flags, compat, web_root)
     st_box.append(st)
 
-    middlewares = [errors_middleware, origin_middleware(settings.loopback_only, settings.enable_cors_header),
-                   token_middleware(settings.token)]
+    middlewares = [errors_middleware, origin_middleware(settings.loopback_only, settings.enable_cors_header)]
+    if settings.token:
+        middlewares.append(token_middleware(settings.token))
     app = web.Application(middlewares=middlewares, client_max_size=settings.max_upload_size)
     app[STATE] = st
     app.router.add_get("/ws", hub.handle)
