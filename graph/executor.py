@@ -25,7 +25,7 @@ from .cache import CacheEntry, OutputCache
 from .errors import ValidationReport
 from .explain import NodeRecord, explain
 from .nodespec import NodeRegistry, NodeSpec, SpecTable
-from .runtime import CURRENT_RUNTIME, Interrupted, NodeRuntime, running
+from .runtime import CURRENT_RUNTIME, ExecutionBlocker, Interrupted, NodeRuntime, running
 from .validate import validate_node, validate_prompt
 from .workflow import is_link
 
@@ -429,8 +429,15 @@ class _Run:
                 "exception_type": "AttributeError", "traceback": [], "current_inputs": {},
                 "current_outputs": list(self.resolved), "timestamp": ev.timestamp_ms()})
         inputs = self.gather_inputs(node_id, wanted)
-        hidden = self.hidden(node_id, spec)
         n_out = len(spec.return_types)
+        blocker = next((item for items in inputs.values() for item in items if isinstance(item, ExecutionBlocker)), None)
+        if blocker is not None:
+            if blocker.message is not None and spec.output_node:
+                raise self.failure(node_id, spec, "ExecutionBlocked", blocker.message)
+            self.resolved[node_id] = CacheEntry(tuple([blocker] for _ in range(n_out)),
+                                                tuple(f"{sig}:{slot}" for slot in range(n_out)), None, 0)
+            return True
+        hidden = self.hidden(node_id, spec)
         outputs: tuple[list[Any], ...] = tuple([] for _ in range(n_out))
         ui: dict[str, Any] | None = None
         token = CURRENT_RUNTIME.set(self.runtime(node_id))

@@ -16,6 +16,14 @@ class Interrupted(Exception):
     """Raised inside a node when the run was asked to stop."""
 
 
+class ExecutionBlocker:
+    """Returned in an output slot: nodes that read it do not run and pass it on. At an output
+    node it ends silently when `message` is None, else as an error carrying the message."""
+
+    def __init__(self, message: str | None = None) -> None:
+        self.message = message
+
+
 @dataclass
 class NodeRuntime:
     node_id: str | None = None
@@ -31,6 +39,10 @@ class NodeRuntime:
     def check_interrupt(self) -> None:
         if self.interrupt_requested():
             raise Interrupted(f"interrupted in node {self.node_id}")
+
+    def record(self, name: str, data: Any) -> None:
+        """Facts worth keeping with the prompt's history (e.g. LoRA key coverage)."""
+        self.emit("node_record", {"node": self.node_id, "prompt_id": self.prompt_id, "name": name, "data": data})
 
     def warn(self, message: str, data: dict[str, Any] | None = None) -> None:
         self.emit("warning", {"node": self.node_id, "prompt_id": self.prompt_id,

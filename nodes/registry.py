@@ -126,5 +126,12 @@ def build_registry(plugin_dirs: Iterable[str | Path] = (), builtins: bool = True
     dirs = [Path(d) for d in plugin_dirs]
     if dirs:
         from nodes.plugins import load_plugins
-        registry.plugin_report = load_plugins(dirs, registry)  # type: ignore[attr-defined]
+        report = load_plugins(dirs, registry)
+        registry.plugin_report = report  # type: ignore[attr-defined]
+        if report.results:
+            log.info("%s", report.timing_table())
+        for warning in report.warnings:
+            log.warning("%s", warning)
+        for failed in report.failed:
+            log.error("Cannot import %s module for custom nodes:\n%s", failed.path, getattr(failed, "traceback", ""))
     return registry

@@ -86,10 +86,33 @@ def load_prompt(path: Path, registry: Registry, folders: ModelFolders) -> tuple[
     return source.api_prompt(definitions), source.extra_pnginfo
 
 
+def setup_folders(args: argparse.Namespace) -> tuple[ModelFolders, list[Path]]:
+    """Model folders (base dir, extra-paths configs, an A1111 install) and the plugin folders."""
+    from nodes.extra_paths import a1111_preset, apply_extra_paths
+    folders = ModelFolders(args.base_dir, output_dir=getattr(args, "output_dir", None))
+    configs = [Path(p) for p in getattr(args, "extra_model_paths", None) or []]
+    default_config = Path(args.base_dir) / "extra_model_paths.yaml"
+    if default_config.is_file():
+        configs.append(default_config)
+    extra = apply_extra_paths(folders, *configs)
+    plugin_dirs = [Path(args.base_dir) / "custom_nodes", *extra.custom_nodes]
+    if getattr(args, "a1111_dir", None):
+        preset = a1111_preset(args.a1111_dir)
+        preset.apply(folders)
+        extra.warnings.extend(preset.warnings)
+    for warning in extra.warnings:
+        logging.getLogger("easel").warning("model paths: %s", warning)
+    return folders, [p for p in plugin_dirs if Path(p).is_dir()]
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    folders = ModelFolders(args.base_dir, output_dir=args.output_dir)
     configure_devices(cpu=args.cpu, lowvram=args.lowvram)
-    registry = build_registry(plugin_dirs=[p for p in [Path(args.base_dir) / "custom_nodes"] if p.is_dir()])
+    try:
+        folders, plugin_dirs = setup_folders(args)
+    except (OSError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_INVALID
+    registry = build_registry(plugin_dirs=plugin_dirs)
     try:
         prompt, pnginfo = load_prompt(Path(args.workflow), registry, folders)
         prompt = check_api_prompt(prompt)
@@ -157,6 +180,12 @@ def cmd_import_a1111(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def add_folder_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--extra-model-paths", action="append", metavar="FILE",
+                        help="an extra_model_paths.yaml-style file mapping model kinds to more folders (repeatable)")
+    parser.add_argument("--a1111-dir", metavar="DIR", help="also use the model folders of this AUTOMATIC1111 install")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="easel", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
@@ -169,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--base-dir", default=".", help="folder holding models/, input/, output/ (default .)")
     run.add_argument("--target", action="append", metavar="ID", help="run only this node and what it needs")
     run.add_argument("--explain", action="store_true", help="say why each node ran instead of coming from the cache")
+    add_folder_options(run)
     run.add_argument("--cpu", action="store_true", help="never use an accelerator")
     run.add_argument("--lowvram", action="store_true", help="offload models right after use")
     run.set_defaults(func=cmd_run)
@@ -184,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--listen", action="store_true", help="bind 0.0.0.0 (all interfaces)")
     serve.add_argument("--base-dir", default=".")
     serve.add_argument("--token", default=None, help="require this token on every request")
+    add_folder_options(serve)
     serve.add_argument("--cpu", action="store_true")
     serve.add_argument("--lowvram", action="store_true")
     serve.set_defaults(func=cmd_serve)

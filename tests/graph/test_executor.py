@@ -322,3 +322,19 @@ def test_invalid_expansion_is_a_node_error(executor: Executor, log: EventLog) ->
                            "2": {"class_type": "Sink", "inputs": {"value": ["1", 0]}}})
     assert result.status == "error"
     assert result.error["node_id"] == "1" and "Required input is missing" in result.error["exception_message"]
+
+
+def test_execution_blocker_stops_downstream(executor: Executor, log: EventLog) -> None:
+    prompt = {"1": {"class_type": "Gate", "inputs": {"value": 5, "open": False, "message": ""}},
+              "2": {"class_type": "Add", "inputs": {"a": ["1", 0], "b": 1}},
+              "3": {"class_type": "Sink", "inputs": {"value": ["2", 0]}}}
+    result = executor.run(prompt)
+    assert result.ok and result.outputs == {}
+    assert not any(c[0] in ("Add", "Sink") for c in testnodes.CALLS)
+    prompt["1"]["inputs"]["message"] = "gate closed"
+    result = executor.run(prompt)
+    assert result.status == "error"
+    assert result.error["exception_type"] == "ExecutionBlocked" and result.error["node_id"] == "3"
+    assert result.error["exception_message"] == "gate closed"
+    prompt["1"]["inputs"]["open"] = True
+    assert executor.run(prompt).outputs == {"3": {"values": [6]}}

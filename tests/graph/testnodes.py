@@ -237,6 +237,22 @@ class AddTimes:
         return {"result": ([prev, 0], "literal"), "expand": graph}
 
 
-NODE_CLASS_MAPPINGS = {cls.__name__: cls for cls in (AddTimes, 
+class Gate:
+    """Blocks its output (silently, or with a message) unless open."""
+    CATEGORY = "test"
+    FUNCTION = "run"
+    RETURN_TYPES = ("INT",)
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        return {"required": {"value": ("INT", {"default": 0}), "open": ("BOOLEAN", {"default": True}),
+                             "message": ("STRING", {"default": ""})}}
+
+    def run(self, value: int, open: bool, message: str) -> tuple[Any]:
+        from graph.runtime import ExecutionBlocker
+        return (value if open else ExecutionBlocker(message or None),)
+
+
+NODE_CLASS_MAPPINGS = {cls.__name__: cls for cls in (AddTimes, Gate, 
     Const, Add, Mode, Sink, Volatile, Watched, UnhashableChanged, Fanout, SumList, Switch, Boom, Steps, Checked)}
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {}

@@ -7,6 +7,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from graph.runtime import ExecutionBlocker  # the executor recognises this class
+
+__all__ = ["ExecutionBlocker", "GraphBuilder", "is_link"]
+
 
 def is_link(obj: Any) -> bool:
     """A 2-list whose first item is a str (node id) and second an int/float (output slot)."""
@@ -14,11 +18,6 @@ def is_link(obj: Any) -> bool:
             and isinstance(obj[1], (int, float)) and not isinstance(obj[1], bool))
 
 
-class ExecutionBlocker:
-    """Returned in an output slot: blocks everything downstream (an error when `message` is set)."""
-
-    def __init__(self, message: str | None) -> None:
-        self.message = message
 
 
 class Node:
