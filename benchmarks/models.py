@@ -41,7 +41,11 @@ def prepare(folder: Path) -> tuple[Path, Path]:
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
     from diffusion.convert_clip import clip_config
-    from diffusion.demo import SD15_UNET_CONFIG, SD15_VAE_CONFIG, write_full_size_checkpoint
+    from diffusion.demo import (
+        SD15_UNET_CONFIG,
+        SD15_VAE_CONFIG,
+        write_full_size_checkpoint,
+    )
 
     ckpt = folder / "sd15-random-fp16.safetensors"
     if not ckpt.is_file():
@@ -91,11 +95,12 @@ def load_diffusers(ckpt: Path, cfg: Path, dtype: str) -> dict:
 
 
 def child(which: str, ckpt: Path, cfg: Path, dtype: str) -> None:
-    import torch  # noqa: F401  (imports before the baseline)
     import diffusers  # noqa: F401
+    import torch  # noqa: F401  (imports before the baseline)
     import transformers  # noqa: F401
-    from diffusion import checkpoint  # noqa: F401
     from diffusers import StableDiffusionPipeline  # noqa: F401
+
+    from diffusion import checkpoint  # noqa: F401
     base = _rss_mb()
     t = time.perf_counter()
     mods = load_easel(ckpt, dtype) if which == "easel" else load_diffusers(ckpt, cfg, dtype)

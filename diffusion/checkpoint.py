@@ -22,9 +22,15 @@ from diffusion import devices
 from diffusion.clip import CLIP
 from diffusion.convert_clip import clip_l_from_ldm, openclip_from_ldm
 from diffusion.convert_unet import unet_config_from_ldm, unet_to_diffusers
-from diffusion.convert_vae import (_is_linear_attn, diffusers_to_ldm_name as vae_ldm_name, vae_config_from_ldm,
-                                   vae_prefix, vae_to_diffusers)
-from diffusion.detect import UNET_PREFIX, ModelFamily, detect_family, family as make_family
+from diffusion.convert_vae import (
+    _is_linear_attn,
+    vae_config_from_ldm,
+    vae_prefix,
+    vae_to_diffusers,
+)
+from diffusion.convert_vae import diffusers_to_ldm_name as vae_ldm_name
+from diffusion.detect import ModelFamily, detect_family
+from diffusion.detect import family as make_family
 from diffusion.errors import ModelFileError
 from diffusion.model import DiffusionModel
 from diffusion.patcher import ModelPatcher
@@ -93,7 +99,7 @@ def load_checkpoint(path: str | os.PathLike[str], config: devices.DeviceConfig |
     if path.is_dir():
         return load_diffusers_folder(path, config, prediction, embedding_dirs)
     config = config or devices.current_config()
-    device, offload = devices.torch_device(config), devices.offload_device(config)
+    device = devices.torch_device(config)
     # safetensors: read tensor by tensor, cast as read (peak memory ~ the built modules, not file + modules)
     sd = open_state_dict(path)
     fam = detect_family(sd, path, prediction)

@@ -18,7 +18,8 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from diffusion.detect import ModelFamily, Prediction, family as make_family
+from diffusion.detect import ModelFamily, Prediction
+from diffusion.detect import family as make_family
 
 VOCAB_SIZE = 49408
 MAX_POSITIONS = 77
@@ -215,9 +216,11 @@ def full_size_components(family: str = "sd1", dtype: torch.dtype = torch.float16
                          device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """ldm-layout random tensors of a full-size SD1.5 (or SDXL base) architecture, built without
     instantiating fp32 modules (shapes from meta-device modules)."""
-    from diffusion.convert_clip import clip_config as hf_clip_config, clip_l_to_ldm, openclip_to_ldm
+    from diffusion.convert_clip import clip_config as hf_clip_config
+    from diffusion.convert_clip import clip_l_to_ldm, openclip_to_ldm
     from diffusion.convert_unet import unet_key_map
-    from diffusion.convert_vae import diffusers_to_ldm_name as vae_name, _is_linear_attn
+    from diffusion.convert_vae import _is_linear_attn
+    from diffusion.convert_vae import diffusers_to_ldm_name as vae_name
 
     gen = torch.Generator(device=device).manual_seed(seed)
     with torch.device("meta"):

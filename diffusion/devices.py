@@ -162,10 +162,10 @@ def make_room(device: torch.device, needed: int, keep: object | None = None) -> 
     free = free_memory(device)
     if free is None:
         return
-    for key in list(_order):
+    for key in _order:
         if free >= needed + RESERVE_BYTES:
             break
-        dev, nbytes, offload = _loaded[key]
+        dev, _nbytes, offload = _loaded[key]
         if dev != device or (keep is not None and key == id(keep)):
             continue
         offload()                                             # type: ignore[operator]

@@ -40,7 +40,9 @@ _LightningModelCheckpoint.__name__ = _LightningModelCheckpoint.__qualname__ = "M
 
 
 def _numpy_scalar(*args: Any) -> Any:
-    from numpy._core.multiarray import scalar   # numpy 2 location of numpy.core.multiarray.scalar
+    from numpy._core.multiarray import (
+        scalar,  # numpy 2 location of numpy.core.multiarray.scalar
+    )
     return scalar(*args)
 
 

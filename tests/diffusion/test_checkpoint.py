@@ -10,8 +10,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from diffusion.checkpoint import load_checkpoint, load_vae
-from diffusion.demo import TinyComponents, ensure_demo_checkpoint, ldm_state_dict, tiny_components, write_ldm_checkpoint
+from diffusion.checkpoint import load_checkpoint
+from diffusion.demo import (
+    TinyComponents,
+    ensure_demo_checkpoint,
+    ldm_state_dict,
+    tiny_components,
+    write_ldm_checkpoint,
+)
 from diffusion.devices import DeviceConfig, use_config
 from diffusion.errors import ModelFileError
 from diffusion.model import DiffusionModel
@@ -135,7 +141,7 @@ def test_diffusers_folder(tmp_path: Path) -> None:
     comps.text_encoders["l"].save_pretrained(root / "text_encoder")
     comps.text_encoders["g"].save_pretrained(root / "text_encoder_2")
     (root / "model_index.json").write_text("{}")
-    patcher, clip, vae = load_checkpoint(root, DeviceConfig(cpu=True, unet_dtype="fp32"))
+    patcher, clip, _vae = load_checkpoint(root, DeviceConfig(cpu=True, unet_dtype="fp32"))
     assert patcher.model.family.name == "sdxl" and set(clip.encoders) == {"l", "g"}
     ours, theirs = _unet_inputs(patcher.model, comps)
     assert (patcher.model.apply_model(**ours) - comps.unet(**theirs).sample).abs().max() <= TOL
@@ -172,7 +178,7 @@ class _Payload:
     def __init__(self, marker: Path) -> None:
         self.marker = marker
 
-    def __reduce__(self):  # noqa: ANN204
+    def __reduce__(self):
         return (os.system, (f"touch {self.marker}",))
 
 

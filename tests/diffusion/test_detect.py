@@ -9,7 +9,12 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from diffusion.convert_clip import clip_config, clip_l_to_ldm, openclip_to_ldm
 from diffusion.convert_unet import unet_config_from_ldm, unet_to_ldm
-from diffusion.demo import SD15_UNET_CONFIG, SDXL_UNET_CONFIG, ldm_state_dict, tiny_components
+from diffusion.demo import (
+    SD15_UNET_CONFIG,
+    SDXL_UNET_CONFIG,
+    ldm_state_dict,
+    tiny_components,
+)
 from diffusion.detect import ModelFamily, detect_family, family
 from diffusion.errors import ModelFileError
 
