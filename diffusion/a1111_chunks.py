@@ -183,6 +183,14 @@ def a1111_token_chunks(clip: Any, text: str, embeddings: EmbeddingIndex | None =
     return {k: materialise(layout, k, encoder_width(clip, k), clip.tokenizers[k].pad) for k in keys}
 
 
+def encode_a1111(clip: Any, text: str, embeddings: EmbeddingIndex | None = None,
+                 weighting: str = "a1111") -> tuple[torch.Tensor, dict[str, Any]]:
+    """(cond Tensor[1, 77k, D], {"pooled_output": Tensor[1, P]}) of one prompt text, A1111 chunks
+    encoded with `weighting` ("a1111": mean-restoring multiply; "comfy": ComfyUI's interpolation)."""
+    cond, pooled = clip.encode_token_chunks(a1111_token_chunks(clip, text, embeddings), weighting)
+    return cond, {"pooled_output": pooled}
+
+
 def a1111_weighting(z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """A1111 "Original" emphasis on one encoded chunk. z: [77, D], weights: [77] ->
     `z * w` rescaled so that its mean over all elements equals mean(z)."""
@@ -191,4 +199,4 @@ def a1111_weighting(z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = ["EmbeddingIndex", "EmbeddingSlot", "a1111_layout", "materialise", "a1111_token_chunks",
-           "a1111_weighting", "encoder_width", "CHUNK_TOKENS", "COMMA_BACKTRACK"]
+           "a1111_weighting", "encoder_width", "encode_a1111", "CHUNK_TOKENS", "COMMA_BACKTRACK"]

@@ -16,6 +16,7 @@ The writers double as the test builders of the formats:
 """
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -159,7 +160,9 @@ def demo_lora_tensors(unet: torch.nn.Module, text_encoders: Mapping[str, torch.n
     return out
 
 
+@functools.lru_cache(maxsize=2)
 def _tiny(family: str) -> Any:
+    """The tiny demo components (shapes for the demo LoRA), built once per process."""
     from diffusion.demo import tiny_components
     return tiny_components(family, seed=0)
 

@@ -207,6 +207,16 @@ class Hypernetwork:
     modules: dict[int, tuple[HypernetworkModule, HypernetworkModule]] = field(repr=False)
     _casts: dict = field(default_factory=dict, repr=False)    # (width, device, dtype) -> cast pair
     _lock: Any = field(default_factory=threading.Lock, repr=False)
+    _hooks: dict = field(default_factory=dict, repr=False)    # strength -> HypernetworkHook
+
+    def hook(self, strength: float) -> "HypernetworkHook":
+        """The attention hook at `strength`; the same object for the same strength, so patchers
+        built twice from one file compare equal (ModelPatcher.patch_fingerprint)."""
+        with self._lock:
+            found = self._hooks.get(float(strength))
+            if found is None:
+                found = self._hooks[float(strength)] = HypernetworkHook(self, strength)
+        return found
 
     def pair(self, width: int, device: torch.device, dtype: torch.dtype
              ) -> tuple[HypernetworkModule, HypernetworkModule] | None:
@@ -315,7 +325,7 @@ def load_hypernetwork(path: str | os.PathLike[str]) -> Hypernetwork:
 def add_hypernetwork(model: Any, hypernetwork: Hypernetwork, strength: float) -> Any:
     """Append the hypernetwork's hook (at `strength`) to a ModelPatcher clone's attention hooks, in
     place; returns the patcher. Callers clone first (the node does)."""
-    hook = HypernetworkHook(hypernetwork, strength)
+    hook = hypernetwork.hook(strength)
     for key in KV_HOOK_KEYS:
         model.model_options[key] = list(model.model_options.get(key, []) or []) + [hook]
     return model

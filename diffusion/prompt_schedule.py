@@ -14,11 +14,12 @@ Difference from A1111: past the last `end_step` (only second-order samplers get 
 back to the *first* entry; Easel keeps the last one.
 
 `scheduled_conditioning(...)` encodes each distinct text once and returns ComfyUI-style
-CONDITIONING entries carrying both kinds of range:
-- `"a1111_calls": (first, last)` — the exact A1111 counter range (`last` None = open ended), which a
-  sampler honours as: the entry is active at denoiser call `c` when `first <= c <= last`;
-- `"start_percent"` / `"end_percent"` — the same range as fractions of the step count, for samplers
-  that only know ComfyUI's timestep ranges (exact in step terms only for linear-in-timestep schedules).
+CONDITIONING entries with `"a1111_calls": (first, last)` (`last` None = open ended): the exact
+A1111 counter range, which the sampler (diffusion.denoiser) honours as "active at denoiser call c
+when first <= c <= last". No `start_percent`/`end_percent` are set: ComfyUI's timestep ranges are
+in sigma terms, so a step-exact switch cannot be written with them for every scheduler, and both
+filters together could leave a call with no active entry. `CallRange.start_percent/end_percent`
+give the step fractions for display.
 """
 from __future__ import annotations
 
@@ -26,6 +27,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
+from diffusion.a1111_chunks import EmbeddingIndex, encode_a1111
 from diffusion.a1111_prompt import Alternate, Node, Scheduled, parse_schedule_tree, split_and
 
 
@@ -163,13 +167,25 @@ def scheduled_conditioning(subprompts: Sequence[SubPrompt], steps: int,
             cond, extras = cache[r.text]
             info = dict(extras)
             if len(ranges) > 1:
-                info.update(a1111_calls=(r.first, r.last), start_percent=r.start_percent,
-                            end_percent=r.end_percent)
+                info["a1111_calls"] = (r.first, r.last)
             if len(subprompts) > 1 or sub.weight != 1.0:
                 info["strength"] = sub.weight
             out.append([cond, info])
     return out
 
 
-__all__ = ["CallRange", "SubPrompt", "prompt_schedule", "a1111_subprompts", "call_ranges",
+def a1111_conditioning(clip: Any, text: str, steps: int, *, embeddings: EmbeddingIndex | None = None,
+                       weighting: str = "a1111", negative: bool = False) -> list[list[Any]]:
+    """CONDITIONING of an A1111 prompt (extra-network tags already stripped) for `steps` steps:
+    AND parts (positive only), schedules and alternation, A1111 chunks and weighting.
+    A1111 quirk kept: on SDXL an empty negative prompt is all zeros (cond and pooled)."""
+    if negative and text == "" and getattr(getattr(clip, "family", None), "name", None) == "sdxl":
+        cond, extras = encode_a1111(clip, "", embeddings, weighting)
+        return [[torch.zeros_like(cond), {k: torch.zeros_like(v) if isinstance(v, torch.Tensor) else v
+                                           for k, v in extras.items()}]]
+    subprompts = a1111_subprompts(text, steps, split=not negative)
+    return scheduled_conditioning(subprompts, steps, lambda t: encode_a1111(clip, t, embeddings, weighting))
+
+
+__all__ = ["a1111_conditioning", "CallRange", "SubPrompt", "prompt_schedule", "a1111_subprompts", "call_ranges",
            "active_text", "scheduled_conditioning"]
