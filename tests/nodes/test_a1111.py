@@ -221,3 +221,21 @@ def test_sdxl_empty_negative_is_zeros(tmp_path: Path) -> None:
     assert pos[0][0].shape[-1] == 96 and neg[0][0].shape == pos[0][0].shape
     assert not neg[0][0].any() and not neg[0][1]["pooled_output"].any()
     assert neg2[0][0].any()                                   # only the exactly empty prompt
+
+
+WORKFLOWS = Path(__file__).resolve().parents[2] / "workflows"
+
+
+@pytest.mark.parametrize("name", ["a1111_prompt", "lora_embedding_hypernetwork"])
+def test_demo_workflows_run(tmp_path: Path, name: str) -> None:
+    from server.cli import main
+    out = tmp_path / "out"
+    args = ["run", str(WORKFLOWS / f"{name}.json"), "--base-dir", str(tmp_path / "base"), "--output-dir", str(out),
+            "--set", "5.width=64", "--set", "5.height=64", "--set", "3.steps=2", "--cpu"]
+    if name == "a1111_prompt":
+        args += ["--set", "10.steps=2"]
+    assert main(args) == 0
+    assert len(list(out.rglob("*.png"))) == 1
+    models = tmp_path / "base" / "models"
+    assert (models / "loras" / "easel-demo-lora.safetensors").is_file()
+    assert (models / "hypernetworks" / "easel-demo-hypernet.pt").is_file()
