@@ -24,6 +24,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from safetensors import safe_open
+
 from diffusion.a1111_chunks import EmbeddingIndex
 from diffusion.a1111_prompt import hypernet_from_tag, lora_from_tag, strip_extra_networks
 from diffusion.hypernetwork import apply_hypernetwork, load_hypernetwork
@@ -33,16 +35,40 @@ from graph.runtime import current
 from nodes.folders import current_folders
 
 
+_ALIASES: dict[tuple[str, int, int], str | None] = {}
+
+
+def _output_name(path: Path) -> str | None:
+    """The `ss_output_name` metadata of a .safetensors LoRA (A1111's alias), cached per file version."""
+    if path.suffix.lower() != ".safetensors":
+        return None
+    st = path.stat()
+    key = (str(path), st.st_mtime_ns, st.st_size)
+    if key not in _ALIASES:
+        try:
+            with safe_open(str(path), "pt") as f:
+                _ALIASES[key] = (f.metadata() or {}).get("ss_output_name")
+        except Exception:                       # not readable: LoraLoader will say why if it is used
+            _ALIASES[key] = None
+    return _ALIASES[key]
+
+
 def _find(kind: str, name: str) -> str | None:
     """A1111 name -> file name in the `kind` folders: exact relative name, the same without its
-    extension, then the file stem anywhere in the tree (case-sensitive, first in sorted order)."""
-    files = current_folders().list_files(kind)
+    extension, the file stem anywhere in the tree (case-sensitive, first in sorted order), and for
+    LoRAs the `ss_output_name` alias."""
+    folders = current_folders()
+    files = folders.list_files(kind)
     for f in files:
         if f == name or f.rsplit(".", 1)[0] == name:
             return f
     for f in files:
         if Path(f).stem == name:
             return f
+    if kind == "loras":
+        for f in files:
+            if _output_name(folders.resolve(kind, f)) == name:
+                return f
     return None
 
 

@@ -264,3 +264,15 @@ def test_attention_key_value_context_in_the_unet(tmp_path: Path) -> None:
         out_z = zero.patch_model().apply_model(x, t, ctx)
     zero.unpatch_model()
     assert torch.equal(out_z, out_0)
+
+
+def test_other_dtype_uses_a_cast_copy(tmp_path: Path) -> None:
+    data = hypernetwork_file([8], seed=12, activation_func="mish", is_layer_norm=True, scale=0.4)
+    torch.save(data, tmp_path / "h.pt")
+    hn = load_hypernetwork(tmp_path / "h.pt")
+    x = context(8, 7).double()
+    got, _ = hn.hook(0.9)(x, x)
+    assert got.dtype == torch.float64 and hn.hook(0.9) is hn.hook(0.9)
+    want = x + 0.9 * hand_mlp({k: v.double() for k, v in data[8][0].items()}, x, "mish", True, True, 2)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert hn.modules[8][0].net[0].weight.dtype == torch.float32      # the original stays fp32

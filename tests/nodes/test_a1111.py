@@ -239,3 +239,15 @@ def test_demo_workflows_run(tmp_path: Path, name: str) -> None:
     models = tmp_path / "base" / "models"
     assert (models / "loras" / "easel-demo-lora.safetensors").is_file()
     assert (models / "hypernetworks" / "easel-demo-hypernet.pt").is_file()
+
+
+def test_lora_found_by_its_ss_output_name_alias(env, tmp_path: Path) -> None:
+    model, clip = env
+    import shutil
+    from safetensors.torch import load_file, save_file
+    src = tmp_path / "models" / "loras" / "styles" / "easel-demo-lora.safetensors"
+    save_file(load_file(str(src)), str(tmp_path / "models" / "loras" / "renamed.safetensors"),
+              metadata={"ss_output_name": "fancy-style"})
+    shutil.rmtree(src.parent)
+    m, _, _, _ = A1111Prompt().encode(model, clip, "<lora:fancy-style:0.5> x", "", 4)
+    assert {r.strength for r in m.records()} == {0.5}
