@@ -248,8 +248,8 @@ def a1111_parameters(prompt: Mapping[str, Any], width: int, height: int, save_no
     if sampler_id is None:
         return None
     inputs = graph[sampler_id].get("inputs", {})
-    positive = _text_of(graph, inputs.get("positive"))
-    negative = _text_of(graph, inputs.get("negative"))
+    positive = _text_of(graph, inputs.get("positive"), role="positive")
+    negative = _text_of(graph, inputs.get("negative"), role="negative")
     if positive is None:
         return None
     model_name, loras = _model_chain(graph, inputs.get("model"))
@@ -318,21 +318,25 @@ def _upstream_of_class(graph: Mapping[str, Any], start: str, classes: tuple[str,
     return None
 
 
-def _text_of(graph: Mapping[str, Any], link: Any, depth: int = 0) -> str | None:
-    """The prompt text behind a CONDITIONING link: literal text inputs, else followed links (depth-limited)."""
+def _text_of(graph: Mapping[str, Any], link: Any, role: str, depth: int = 0) -> str | None:
+    """The prompt text behind a CONDITIONING link: a literal input named like the sampler's input
+    (`positive` / `negative`: prompt nodes with both texts, e.g. A1111Prompt), else text inputs,
+    else followed links (depth-limited)."""
     if not _is_link(link) or link[0] not in graph or depth > 16:
         return None
     inputs = graph[link[0]].get("inputs", {})
+    if isinstance(inputs.get(role), str):
+        return inputs[role]
     for key in _TEXT_INPUTS:
         value = inputs.get(key)
         if isinstance(value, str):
             return value
         if _is_link(value):
-            found = _text_of(graph, value, depth + 1)
+            found = _text_of(graph, value, role, depth + 1)
             if found is not None:
                 return found
     for key in ("conditioning", "conditioning_1", "conditioning_to", "conditioning_from"):
-        found = _text_of(graph, inputs.get(key), depth + 1)
+        found = _text_of(graph, inputs.get(key), role, depth + 1)
         if found is not None:
             return found
     return None

@@ -195,3 +195,13 @@ def test_a1111_parameters_picks_the_sampler_feeding_the_save_node():
 
 def test_a1111_parameters_without_sampler_is_none():
     assert image_io.a1111_parameters({"1": {"class_type": "LoadImage", "inputs": {"image": "x.png"}}}, 8, 8) is None
+
+
+def test_a1111_parameters_from_a_node_with_both_prompts():
+    g = _graph(clip_skip=None, lora=False)
+    g["10"] = {"class_type": "A1111Prompt", "inputs": {"model": ["4", 0], "clip": ["4", 1], "steps": 20,
+                                                        "positive": "a fox <lora:x:0.5>", "negative": "ugly"}}
+    g["3"]["inputs"].update(model=["10", 0], positive=["10", 2], negative=["10", 3])
+    text = image_io.a1111_parameters(g, 8, 8, save_node="9")
+    assert text is not None and text.startswith("a fox <lora:x:0.5>\nNegative prompt: ugly\nSteps: 20,")
+    assert "Model: \"v1-5, pruned\"" in text
