@@ -276,3 +276,28 @@ def test_other_dtype_uses_a_cast_copy(tmp_path: Path) -> None:
     want = x + 0.9 * hand_mlp({k: v.double() for k, v in data[8][0].items()}, x, "mish", True, True, 2)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     assert hn.modules[8][0].net[0].weight.dtype == torch.float32      # the original stays fp32
+
+
+@pytest.mark.xfail(strict=True, reason="diffusion/patcher.py installs attention hooks on attn2 only; A1111 (and "
+                                       "ComfyUI) also apply hypernetworks to self-attention: contract change "
+                                       "requested (model_options['attn1_kv'])")
+def test_self_attention_context_in_the_unet(tmp_path: Path) -> None:
+    c = tiny_components("sd1", seed=2)
+    model = ModelPatcher(DiffusionModel(c.unet, c.family, "eps", torch.linspace(0.99, 0.01, 1000)), "cpu", "cpu")
+    data = hypernetwork_file([64], seed=13, activation_func="relu", scale=0.3)    # mid-block self-attention width
+    torch.save(data, tmp_path / "h.pt")
+    patched = apply_hypernetwork(model, load_hypernetwork(tmp_path / "h.pt"), 1.0)
+    attn = dict(c.unet.named_modules())["mid_block.attentions.0.transformer_blocks.0.attn1"]
+    seen: dict[str, torch.Tensor] = {}
+    hq = attn.to_q.register_forward_pre_hook(lambda m, a: seen.__setitem__("q", a[0].detach().clone()))
+    hk = attn.to_k.register_forward_pre_hook(lambda m, a: seen.__setitem__("k", a[0].detach().clone()))
+    try:
+        with torch.no_grad():
+            patched.patch_model().apply_model(torch.randn(1, 4, 8, 8), torch.tensor([500.0]), context(32)[:1])
+    finally:
+        hq.remove()
+        hk.remove()
+        patched.unpatch_model()
+    hidden = seen["q"]                                   # the normed hidden state feeds q, k and v
+    torch.testing.assert_close(seen["k"], hidden + hand_mlp(data[64][0], hidden, "relu", False, True, 2),
+                               rtol=1e-5, atol=1e-5)
