@@ -2,9 +2,11 @@
 folder under /extensions, and `PromptServer.instance.send_sync` reaching the job's websocket."""
 from __future__ import annotations
 
+import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from nodes.plugins import load_plugins
@@ -41,7 +43,8 @@ PLUGIN = textwrap.dedent('''
 ''')
 
 
-async def test_plugin_routes_web_folder_and_send_sync(tmp_path: Path) -> None:
+async def test_plugin_routes_web_folder_and_send_sync(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "path", list(sys.path))   # the plugin loader puts its shims first; undo after
     plugin = tmp_path / "custom_nodes" / "easel_test_plugin"
     (plugin / "web").mkdir(parents=True)
     (plugin / "__init__.py").write_text(PLUGIN)
