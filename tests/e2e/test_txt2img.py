@@ -38,10 +38,20 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> tuple[ModelFolders, Any]:
     return folders, build_registry()
 
 
-def _run(env: tuple[ModelFolders, Any], prompt: dict[str, Any], workflow: dict | None = None) -> RunResult:
-    """A fresh executor and cache each time, so every node really runs."""
+_SHARED: dict[int, Executor] = {}
+
+
+def _run(env: tuple[ModelFolders, Any], prompt: dict[str, Any], fresh: bool = False,
+         workflow: dict | None = None) -> RunResult:
+    """fresh: a new executor and cache, so every node really runs; else one shared executor
+    (unchanged nodes such as the checkpoint loader come from its cache)."""
     folders, registry = env
-    ex = Executor(registry, OutputCache(), EventLog(), folders=folders)
+    if fresh or id(env) not in _SHARED:
+        ex = Executor(registry, OutputCache(), EventLog(), folders=folders)
+        if not fresh:
+            _SHARED[id(env)] = ex
+    else:
+        ex = _SHARED[id(env)]
     with use_folders(folders):
         result = ex.run(prompt, extra_data={"extra_pnginfo": {"workflow": workflow or WORKFLOW_META}})
     detail = result.error or (result.validation.describe() if result.validation and not result.validation.ok else "")
@@ -65,7 +75,7 @@ def _base(seed: int, prefix: str) -> dict[str, Any]:
         "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a lighthouse at dawn, (watercolor:1.2)",
                                                           "clip": ["4", 1]}},
         "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["4", 1]}},
-        "3": {"class_type": "KSampler", "inputs": {"seed": seed, "steps": 4, "cfg": 7.0, "sampler_name": "euler",
+        "3": {"class_type": "KSampler", "inputs": {"seed": seed, "steps": 3, "cfg": 7.0, "sampler_name": "euler",
                                                     "scheduler": "normal", "denoise": 1.0, "model": ["4", 0],
                                                     "positive": ["6", 0], "negative": ["7", 0],
                                                     "latent_image": ["5", 0]}},
@@ -96,7 +106,7 @@ def test_txt2img_batch_seed_and_metadata(env):
     assert a.std() > 1.0                                    # a picture, not a flat fill
     assert np.abs(a - b).max() > 0                          # batch items get different noise
 
-    again = _files(env, _run(env, txt2img(seed=1)))         # fresh executor, nothing cached
+    again = _files(env, _run(env, txt2img(seed=1), fresh=True))   # fresh executor, nothing cached
     assert [p.name for p in again] == ["t2i_00003_.png", "t2i_00004_.png"]
     assert [p.read_bytes() for p in again] == [p.read_bytes() for p in first]
 
@@ -110,7 +120,7 @@ def test_txt2img_batch_seed_and_metadata(env):
     assert raw["prompt"] == json.dumps(txt2img(seed=1)) and raw["workflow"] == json.dumps(WORKFLOW_META)
     assert meta.parameters is not None
     assert meta.parameters.startswith("a lighthouse at dawn, (watercolor:1.2)\nNegative prompt: blurry\n")
-    assert "Steps: 4, Sampler: Euler, Schedule type: Normal, CFG scale: 7, Seed: 1, Size: 64x48" in meta.parameters
+    assert "Steps: 3, Sampler: Euler, Schedule type: Normal, CFG scale: 7, Seed: 1, Size: 64x48" in meta.parameters
 
 
 def test_img2img_batch_uses_its_input(env):
@@ -127,7 +137,7 @@ def test_img2img_batch_uses_its_input(env):
     a, b = (_pixels(p) for p in first)
     assert a.shape == (48, 64, 3) and np.abs(a - b).max() > 0
 
-    again = _files(env, _run(env, img2img(seed=5, image="pair.png")))
+    again = _files(env, _run(env, img2img(seed=5, image="pair.png"), fresh=True))
     assert [p.read_bytes() for p in again] == [p.read_bytes() for p in first]
 
     reseeded = _files(env, _run(env, img2img(seed=6, image="pair.png")))
