@@ -186,14 +186,16 @@ class CLIP:
 
         lookup = self._lookup()
         found: dict[str, EmbeddingLike | None] = {}
+        failed: set[str] = set()                   # names whose file exists but could not be read
 
         def get(name: str) -> EmbeddingLike | None:
             if name not in found:
                 try:
                     found[name] = lookup(name)
                 except Exception as exc:           # a broken file: report it, encode without it
-                    warn(f"embedding {name!r} could not be loaded: {exc}")
+                    warn(f"embedding {name!r} could not be loaded: {exc}; prompt encoded without it")
                     found[name] = None
+                    failed.add(name)
             return found[name]
 
         # segment -> list of (kind, payload, weight): text to tokenize, or a resolved embedding
@@ -202,11 +204,11 @@ class CLIP:
             for word in split_embedding_words(segment):
                 if word.startswith(EMBEDDING_PREFIX):
                     res = resolve_embedding_word(word, get)
-                    if res.embedding is None:
+                    if res.embedding is not None:
+                        pieces.append(("embedding", res.embedding, weight, res.name))
+                    elif res.name not in failed:           # a failed load was reported already
                         searched = ", ".join(str(d) for d in self.embedding_dirs) or "no embeddings folder"
                         warn(f"embedding {res.name!r} not found ({searched}); prompt encoded without it")
-                    else:
-                        pieces.append(("embedding", res.embedding, weight, res.name))
                     if res.leftover:
                         pieces.append(("text", res.leftover, weight, ""))
                 else:

@@ -278,3 +278,29 @@ def test_clip_from_a_loaded_checkpoint_encodes_like_the_original(family: str, tm
     assert a.shape == b.shape == (1, 154, sum(m.config.hidden_size for m in comps.text_encoders.values()))
     torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
     torch.testing.assert_close(ea["pooled_output"], eb["pooled_output"], rtol=0, atol=1e-5)
+
+
+def test_embedding_files_through_diffusion_embeddings(tmp_path) -> None:
+    """embedding:NAME resolved by find_embedding/load_embedding in the CLIP's embedding folders."""
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(7)
+    vec = torch.randn(2, 32, generator=gen)
+    vl, vg = torch.randn(3, 32, generator=gen), torch.randn(3, 64, generator=gen)
+    (tmp_path / "sub").mkdir()
+    save_file({"emb_params": vec}, str(tmp_path / "mychar.safetensors"))            # kohya SD1 layout
+    save_file({"clip_l": vl, "clip_g": vg}, str(tmp_path / "sub" / "xlstyle.safetensors"))
+    (tmp_path / "broken.pt").write_bytes(b"not a pickle")
+
+    sd1 = make_clip("sd1", embedding_dirs=[tmp_path])
+    items = sd1.tokenize("a embedding:mychar dog")["l"][0]
+    assert torch.equal(items[2][0], vec[0]) and torch.equal(items[3][0], vec[1]) and items[4][0] == 1929
+    warnings: list[str] = []
+    tokens = sd1.tokenize("embedding:broken cat", on_warning=warnings.append)
+    assert len(warnings) == 1 and "broken" in warnings[0]
+    assert tokens == sd1.tokenize("cat")
+
+    xl = make_clip("sdxl", embedding_dirs=[tmp_path])
+    tokens = xl.tokenize("embedding:sub/xlstyle")
+    assert torch.equal(tokens["l"][0][3][0], vl[2]) and torch.equal(tokens["g"][0][1][0], vg[0])
+    assert tokens["l"][0][4] == (EOS, 1.0) and tokens["g"][0][4] == (EOS, 1.0)
