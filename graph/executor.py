@@ -99,10 +99,14 @@ class Executor:
     # -- running -------------------------------------------------------------------------------
     def run(self, prompt: Mapping[str, Mapping[str, Any]], prompt_id: str | None = None,
             extra_data: Mapping[str, Any] | None = None, targets: Sequence[str] | None = None,
-            report: ValidationReport | None = None) -> RunResult:
-        """Validate (unless a report is given) and run; events go to the sink as they happen."""
+            report: ValidationReport | None = None, specs: SpecTable | None = None) -> RunResult:
+        """Validate (unless a report is given) and run; events go to the sink as they happen.
+
+        `specs` lets a caller reuse node specs across runs (the server refreshes its table every
+        second, so new model files still show up in combo checks); by default they are read anew.
+        """
         prompt_id = prompt_id or str(uuid.uuid4())
-        specs = SpecTable(self.registry)
+        specs = specs if specs is not None else SpecTable(self.registry)
         if report is None:
             report = validate_prompt(prompt, specs, targets)
         if not report.ok:

@@ -182,7 +182,35 @@ def _needed(prompt: Mapping[str, Mapping[str, Any]], roots: Iterable[str]) -> li
     return list(seen)
 
 
+def _has_cycle(prompt: Mapping[str, Mapping[str, Any]], nodes: Sequence[str]) -> bool:
+    """Iterative three-colour depth-first search over the links among `nodes`."""
+    state: dict[str, int] = {}          # 1 = on the current path, 2 = done
+    for root in nodes:
+        if root in state:
+            continue
+        state[root] = 1
+        stack = [(root, iter(prompt[root].get("inputs", {}).values()))]
+        while stack:
+            node_id, it = stack[-1]
+            for value in it:
+                if is_link(value) and value[0] in prompt:
+                    mark = state.get(value[0])
+                    if mark == 1:
+                        return True
+                    if mark is None:
+                        state[value[0]] = 1
+                        stack.append((value[0], iter(prompt[value[0]].get("inputs", {}).values())))
+                        break
+            else:
+                state[node_id] = 2
+                stack.pop()
+    return False
+
+
 def _cycles(prompt: Mapping[str, Mapping[str, Any]], nodes: Sequence[str]) -> list[list[str]]:
+    """Every cycle among `nodes`, one path each (networkx only when there is one to describe)."""
+    if not _has_cycle(prompt, nodes):
+        return []
     graph = nx.DiGraph()
     graph.add_nodes_from(nodes)
     for node_id in nodes:

@@ -182,3 +182,18 @@ def test_deep_chain_validates_without_recursion(executor: Executor) -> None:
     prompt["out"] = {"class_type": "Sink", "inputs": {"value": [str(n - 1), 0]}}
     report = executor.validate(prompt)
     assert report.ok and len(report.literals) == n + 1
+
+
+def test_self_loop_is_a_cycle(executor: Executor) -> None:
+    report = executor.validate({"1": {"class_type": "Add", "inputs": {"a": ["1", 0], "b": 1}},
+                                "2": {"class_type": "Sink", "inputs": {"value": ["1", 0]}}})
+    assert node_error(report, "1")["type"] == "dependency_cycle"
+
+
+def test_diamond_is_not_a_cycle(executor: Executor) -> None:
+    report = executor.validate({"1": {"class_type": "Const", "inputs": {"value": 1}},
+                                "2": {"class_type": "Add", "inputs": {"a": ["1", 0], "b": ["1", 0]}},
+                                "3": {"class_type": "Add", "inputs": {"a": ["1", 0], "b": ["2", 0]}},
+                                "4": {"class_type": "Add", "inputs": {"a": ["2", 0], "b": ["3", 0]}},
+                                "5": {"class_type": "Sink", "inputs": {"value": ["4", 0]}}})
+    assert report.ok and report.node_errors == {}
