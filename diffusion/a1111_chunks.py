@@ -31,7 +31,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, Union
+from typing import Any, Protocol
 
 import torch
 
@@ -57,7 +57,7 @@ class EmbeddingSlot:
     name: str = ""
 
 
-LayoutItem = Union[int, EmbeddingSlot]
+LayoutItem = int | EmbeddingSlot
 Layout = list[list[tuple[LayoutItem, float]]]       # chunks of <= 75 weighted items, no BOS/EOS
 
 
@@ -198,5 +198,15 @@ def a1111_weighting(z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return weighted * (z.mean() / weighted.mean())
 
 
-__all__ = ["EmbeddingIndex", "EmbeddingSlot", "a1111_layout", "materialise", "a1111_token_chunks",
-           "a1111_weighting", "encoder_width", "encode_a1111", "CHUNK_TOKENS", "COMMA_BACKTRACK"]
+__all__ = [
+    "CHUNK_TOKENS",
+    "COMMA_BACKTRACK",
+    "EmbeddingIndex",
+    "EmbeddingSlot",
+    "a1111_layout",
+    "a1111_token_chunks",
+    "a1111_weighting",
+    "encode_a1111",
+    "encoder_width",
+    "materialise",
+]

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Union
 
 ROUND_MULTIPLIER = 1.1
 SQUARE_MULTIPLIER = 1 / 1.1
@@ -138,7 +137,7 @@ def hypernet_from_tag(tag: ExtraNetworkTag) -> HypernetTag:
 # ---------------------------------------------------------------------------------------------
 
 _RE_AND = re.compile(r"\bAND\b")
-_RE_SUBPROMPT_WEIGHT = re.compile(r"^(.*?)(?:\s*:\s*([-+]?(?:\d+\.?|\d*\.\d+)))?\s*$", re.S)
+_RE_SUBPROMPT_WEIGHT = re.compile(r"^(.*?)(?:\s*:\s*([-+]?(?:\d+\.?|\d*\.\d+)))?\s*$", re.DOTALL)
 
 
 def split_and(text: str) -> list[tuple[str, float]]:
@@ -164,18 +163,18 @@ def split_and(text: str) -> list[tuple[str, float]]:
 @dataclass(frozen=True)
 class Scheduled:
     """`[before:after:when]`; `before` is None for `[after:when]`. `when` is the number as written."""
-    before: tuple["Node", ...] | None
-    after: tuple["Node", ...]
+    before: tuple[Node, ...] | None
+    after: tuple[Node, ...]
     when: str
 
 
 @dataclass(frozen=True)
 class Alternate:
     """`[a|b|c]`; options may be empty."""
-    options: tuple[tuple["Node", ...], ...]
+    options: tuple[tuple[Node, ...], ...]
 
 
-Node = Union[str, Scheduled, Alternate]      # a str is verbatim text (plain, brackets of emphasis)
+Node = str | Scheduled | Alternate      # a str is verbatim text (plain, brackets of emphasis)
 
 # lark's SIGNED_NUMBER, with the optional whitespace the grammar allows around it
 _RE_WHEN = re.compile(r"\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?)\s*")
@@ -340,8 +339,8 @@ _RE_ATTENTION = re.compile(r"""
   | \) | \]                    # closers
   | [^\\()\[\]:]+              # text
   | :                          # lone colon
-""", re.X)
-_RE_BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
+""", re.VERBOSE)
+_RE_BREAK = re.compile(r"\s*\bBREAK\b\s*", re.DOTALL)
 
 
 def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
@@ -406,7 +405,19 @@ def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
 
 
 __all__ = [
-    "ExtraNetworkTag", "LoraTag", "HypernetTag", "strip_extra_networks", "lora_from_tag",
-    "hypernet_from_tag", "split_and", "Scheduled", "Alternate", "Node", "parse_schedule_tree",
-    "parse_prompt_attention", "BREAK_MARKER", "ROUND_MULTIPLIER", "SQUARE_MULTIPLIER",
+    "BREAK_MARKER",
+    "ROUND_MULTIPLIER",
+    "SQUARE_MULTIPLIER",
+    "Alternate",
+    "ExtraNetworkTag",
+    "HypernetTag",
+    "LoraTag",
+    "Node",
+    "Scheduled",
+    "hypernet_from_tag",
+    "lora_from_tag",
+    "parse_prompt_attention",
+    "parse_schedule_tree",
+    "split_and",
+    "strip_extra_networks",
 ]

@@ -215,6 +215,16 @@ DEMO_FILES: dict[str, dict[str, Callable[[Path], Path]]] = {
 }
 
 
-__all__ = ["hypernetwork_layers", "hypernetwork_file", "write_hypernetwork", "write_embedding",
-           "demo_vectors", "demo_lora_tensors", "write_demo_lora", "write_demo_embedding",
-           "write_demo_negative_embedding", "write_demo_hypernetwork", "DEMO_FILES"]
+__all__ = [
+    "DEMO_FILES",
+    "demo_lora_tensors",
+    "demo_vectors",
+    "hypernetwork_file",
+    "hypernetwork_layers",
+    "write_demo_embedding",
+    "write_demo_hypernetwork",
+    "write_demo_lora",
+    "write_demo_negative_embedding",
+    "write_embedding",
+    "write_hypernetwork",
+]

@@ -149,13 +149,13 @@ def _read(path: Path) -> Mapping[str, object]:
     if suffix == ".safetensors":
         try:
             return load_file(str(path), device="cpu")
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure means an unreadable file; reported with its path
             raise ModelFileError(path, f"not a readable safetensors file ({exc})") from None
     try:
         data = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         return {"string_to_param": {"*": _raw_zip_vectors(path)}}
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any failure means an unreadable file; reported with its path
         raise ModelFileError(path, f"not a readable torch file ({type(exc).__name__}: {exc})") from None
     if isinstance(data, torch.Tensor):
         return {"emb_params": data}
@@ -231,5 +231,11 @@ def load_embedding(path: str | os.PathLike[str]) -> Embedding:
     return emb
 
 
-__all__ = ["Embedding", "find_embedding", "list_embeddings", "load_embedding", "vectors_from_dict",
-           "EXTENSIONS"]
+__all__ = [
+    "EXTENSIONS",
+    "Embedding",
+    "find_embedding",
+    "list_embeddings",
+    "load_embedding",
+    "vectors_from_dict",
+]

@@ -209,7 +209,7 @@ class Hypernetwork:
     _lock: Any = field(default_factory=threading.Lock, repr=False)
     _hooks: dict = field(default_factory=dict, repr=False)    # strength -> HypernetworkHook
 
-    def hook(self, strength: float) -> "HypernetworkHook":
+    def hook(self, strength: float) -> HypernetworkHook:
         """The attention hook at `strength`; the same object for the same strength, so patchers
         built twice from one file compare equal (ModelPatcher.patch_fingerprint)."""
         with self._lock:
@@ -268,7 +268,7 @@ def _read(path: Path) -> Mapping[Any, Any]:
         data = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise ModelFileError(path, f"refused by the safe loader (weights_only): {str(exc).splitlines()[0]}") from None
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any failure means an unreadable file; reported with its path
         raise ModelFileError(path, f"not a readable torch file ({type(exc).__name__}: {exc})") from None
     if not isinstance(data, Mapping):
         raise ModelFileError(path, f"expected a dict, found {type(data).__name__}")
@@ -338,6 +338,17 @@ def apply_hypernetwork(model: Any, hypernetwork: Hypernetwork, strength: float) 
     return add_hypernetwork(model.clone(), hypernetwork, strength)
 
 
-__all__ = ["ACTIVATIONS", "HypernetworkConfig", "HypernetworkModule", "Hypernetwork", "HypernetworkHook",
-           "load_hypernetwork", "hypernetwork_from_dict", "add_hypernetwork", "apply_hypernetwork",
-           "dropout_structure_for", "config_from_file", "KV_HOOK_KEYS"]
+__all__ = [
+    "ACTIVATIONS",
+    "KV_HOOK_KEYS",
+    "Hypernetwork",
+    "HypernetworkConfig",
+    "HypernetworkHook",
+    "HypernetworkModule",
+    "add_hypernetwork",
+    "apply_hypernetwork",
+    "config_from_file",
+    "dropout_structure_for",
+    "hypernetwork_from_dict",
+    "load_hypernetwork",
+]

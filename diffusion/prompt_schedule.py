@@ -30,7 +30,13 @@ from typing import Any
 import torch
 
 from diffusion.a1111_chunks import EmbeddingIndex, encode_a1111
-from diffusion.a1111_prompt import Alternate, Node, Scheduled, parse_schedule_tree, split_and
+from diffusion.a1111_prompt import (
+    Alternate,
+    Node,
+    Scheduled,
+    parse_schedule_tree,
+    split_and,
+)
 
 
 @dataclass(frozen=True)
@@ -187,5 +193,13 @@ def a1111_conditioning(clip: Any, text: str, steps: int, *, embeddings: Embeddin
     return scheduled_conditioning(subprompts, steps, lambda t: encode_a1111(clip, t, embeddings, weighting))
 
 
-__all__ = ["a1111_conditioning", "CallRange", "SubPrompt", "prompt_schedule", "a1111_subprompts", "call_ranges",
-           "active_text", "scheduled_conditioning"]
+__all__ = [
+    "CallRange",
+    "SubPrompt",
+    "a1111_conditioning",
+    "a1111_subprompts",
+    "active_text",
+    "call_ranges",
+    "prompt_schedule",
+    "scheduled_conditioning",
+]

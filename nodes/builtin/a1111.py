@@ -30,13 +30,16 @@ from typing import Any
 from safetensors import safe_open
 
 from diffusion.a1111_chunks import EmbeddingIndex
-from diffusion.a1111_prompt import hypernet_from_tag, lora_from_tag, strip_extra_networks
+from diffusion.a1111_prompt import (
+    hypernet_from_tag,
+    lora_from_tag,
+    strip_extra_networks,
+)
 from diffusion.hypernetwork import apply_hypernetwork, load_hypernetwork
 from diffusion.lora import load_lora
 from diffusion.prompt_schedule import a1111_conditioning
 from graph.runtime import current
 from nodes.folders import current_folders
-
 
 _ALIASES: dict[tuple[str, int, int], str | None] = {}
 
@@ -51,7 +54,7 @@ def _output_name(path: Path) -> str | None:
         try:
             with safe_open(str(path), "pt") as f:
                 _ALIASES[key] = (f.metadata() or {}).get("ss_output_name")
-        except Exception:                       # not readable: LoraLoader will say why if it is used
+        except Exception:  # noqa: BLE001 - not readable: LoraLoader says why if the file is used
             _ALIASES[key] = None
     return _ALIASES[key]
 

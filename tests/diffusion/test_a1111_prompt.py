@@ -10,9 +10,18 @@ import math
 
 import pytest
 
-from diffusion.a1111_prompt import (BREAK_MARKER, ExtraNetworkTag, HypernetTag, LoraTag,
-                                    hypernet_from_tag, lora_from_tag, parse_prompt_attention,
-                                    parse_schedule_tree, split_and, strip_extra_networks)
+from diffusion.a1111_prompt import (
+    BREAK_MARKER,
+    ExtraNetworkTag,
+    HypernetTag,
+    LoraTag,
+    hypernet_from_tag,
+    lora_from_tag,
+    parse_prompt_attention,
+    parse_schedule_tree,
+    split_and,
+    strip_extra_networks,
+)
 from diffusion.prompt_schedule import prompt_schedule
 
 B = BREAK_MARKER
@@ -214,8 +223,8 @@ def test_table_size() -> None:
 
 
 # --- chunks (prompts.md §10.4, SD1 tokenizer; counts exclude BOS/EOS/padding) ----------------
-from diffusion.a1111_chunks import a1111_layout, materialise          # noqa: E402
-from diffusion.tokenizer import CLIPTokenizer                           # noqa: E402
+from diffusion.a1111_chunks import a1111_layout, materialise
+from diffusion.tokenizer import CLIPTokenizer
 
 _TOK = CLIPTokenizer()
 CHUNKS = [

@@ -10,11 +10,21 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from diffusion.a1111_chunks import EmbeddingIndex, a1111_layout, a1111_token_chunks, a1111_weighting
+from diffusion.a1111_chunks import (
+    EmbeddingIndex,
+    a1111_layout,
+    a1111_token_chunks,
+    a1111_weighting,
+)
 from diffusion.a1111_prompt import parse_prompt_attention
 from diffusion.clip import CLIP
 from diffusion.demo import tiny_components
-from diffusion.embeddings import Embedding, find_embedding, list_embeddings, load_embedding
+from diffusion.embeddings import (
+    Embedding,
+    find_embedding,
+    list_embeddings,
+    load_embedding,
+)
 from diffusion.errors import ModelFileError
 from diffusion.tokenizer import BOS, EOS, CLIPTokenizer
 
@@ -130,7 +140,7 @@ def test_list_embeddings_skips_previews_and_empty(tmp_path: Path) -> None:
 
 # --- vectors reaching the encoder ------------------------------------------------------------
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _components(family: str):
     return tiny_components(family, seed=3)
 
@@ -260,5 +270,5 @@ def test_dimension_mismatch_names_file_and_both_sizes(tmp_path: Path) -> None:
 
 def test_embedding_record_is_frozen() -> None:
     emb = Embedding("x", {"l": torch.zeros(1, 4)})
-    with pytest.raises(Exception):
+    with pytest.raises(AttributeError):
         emb.name = "y"                                    # type: ignore[misc]

@@ -8,13 +8,18 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from diffusion.demo import tiny_components
 from diffusion.demo_extras import hypernetwork_file, write_hypernetwork
 from diffusion.errors import ModelFileError
-from diffusion.hypernetwork import (ACTIVATIONS, HypernetworkHook, add_hypernetwork, apply_hypernetwork,
-                                    dropout_structure_for, load_hypernetwork)
+from diffusion.hypernetwork import (
+    ACTIVATIONS,
+    HypernetworkHook,
+    add_hypernetwork,
+    apply_hypernetwork,
+    dropout_structure_for,
+    load_hypernetwork,
+)
 from diffusion.model import DiffusionModel
 from diffusion.patcher import ModelPatcher
 

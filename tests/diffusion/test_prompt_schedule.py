@@ -3,11 +3,20 @@
 The step tables themselves (prompts.md §10.2) are in test_a1111_prompt.py."""
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
-from diffusion.prompt_schedule import (CallRange, SubPrompt, a1111_subprompts, active_text, call_ranges,
-                                       prompt_schedule, scheduled_conditioning)
+from diffusion.prompt_schedule import (
+    CallRange,
+    SubPrompt,
+    a1111_subprompts,
+    active_text,
+    call_ranges,
+    prompt_schedule,
+    scheduled_conditioning,
+)
 
 
 def test_call_ranges_follow_the_a1111_counter() -> None:
@@ -23,7 +32,7 @@ def test_ranges_tile_the_calls_and_agree_with_the_counter(prompt: str, steps: in
     schedule = prompt_schedule(prompt, steps)
     ranges = call_ranges(schedule, steps)
     assert ranges[0].first == 0 and ranges[-1].last is None
-    for a, b in zip(ranges, ranges[1:]):
+    for a, b in itertools.pairwise(ranges):
         assert b.first == a.last + 1                                   # no gap, no overlap
     # every call of a first-order run (and the extra calls of a second-order one) gets the text
     # A1111's counter picks; past the last end step Easel keeps the last entry

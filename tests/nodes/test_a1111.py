@@ -11,8 +11,12 @@ import torch
 
 from diffusion.clip import CLIP
 from diffusion.demo import tiny_components
-from diffusion.demo_extras import (write_demo_embedding, write_demo_hypernetwork, write_demo_lora,
-                                   write_hypernetwork)
+from diffusion.demo_extras import (
+    write_demo_embedding,
+    write_demo_hypernetwork,
+    write_demo_lora,
+    write_hypernetwork,
+)
 from diffusion.model import DiffusionModel
 from diffusion.patcher import ModelPatcher
 from diffusion.sample import sample
@@ -27,7 +31,7 @@ LORA = "easel-demo-lora"
 HN = "easel-demo-hypernet"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _components(family: str):
     return tiny_components(family, seed=5)
 
@@ -127,7 +131,7 @@ def comfy_graph(model, clip, text: str, negative: str):
 def test_same_latents_as_the_comfy_graph(env) -> None:
     model, clip = env
     a_model, a_clip, a_pos, a_neg = A1111Prompt().encode(model, clip, PROMPT, "blurry", 3, "comfy")
-    c_model, c_clip, c_pos, c_neg = comfy_graph(model, clip, COMFY_TEXT, "blurry")
+    c_model, _, c_pos, c_neg = comfy_graph(model, clip, COMFY_TEXT, "blurry")
     assert a_model.patch_fingerprint() == c_model.patch_fingerprint()
     assert a_model.records() and a_clip.patcher.records() and a_model.model_options["attn2_kv"]
     assert torch.equal(a_pos[0][0], c_pos[0][0]) and torch.equal(a_neg[0][0], c_neg[0][0])
@@ -167,7 +171,7 @@ def test_te_and_unet_multipliers_go_to_clip_and_model(env) -> None:
 def test_changing_only_the_negative_reuses_the_patches(env) -> None:
     model, clip = env
     m1, c1, pos1, _ = A1111Prompt().encode(model, clip, PROMPT, "blurry", 4)
-    m2, c2, pos2, neg2 = A1111Prompt().encode(model, clip, PROMPT, "ugly", 4)
+    m2, c2, pos2, _ = A1111Prompt().encode(model, clip, PROMPT, "ugly", 4)
     assert m1.patch_fingerprint() == m2.patch_fingerprint()
     assert c1.patcher.patch_fingerprint() == c2.patcher.patch_fingerprint()
     assert torch.equal(pos1[0][0], pos2[0][0])
@@ -177,7 +181,7 @@ def test_tag_problems_are_warnings(env) -> None:
     model, clip = env
     rt, seen = events()
     with running(rt):
-        m, c, pos, _ = A1111Prompt().encode(model, clip, "<LoRA:x:1> <lora:nosuch:1> <hypernet:gone> cat", "", 4)
+        m, c, _, _ = A1111Prompt().encode(model, clip, "<LoRA:x:1> <lora:nosuch:1> <hypernet:gone> cat", "", 4)
     kinds = [d.get("type") for e, d in seen if e == "warning"]
     assert kinds == ["extra_network_unknown", "lora_missing", "hypernetwork_missing"]
     assert m is model and c is clip
@@ -217,10 +221,10 @@ def test_sdxl_empty_negative_is_zeros(tmp_path: Path) -> None:
     clip = CLIP(c.text_encoders, c.family, "cpu", "cpu")
     with use_folders(ModelFolders(tmp_path)):
         _, _, pos, neg = A1111Prompt().encode(None, clip, "a cat", "", 4)
-        _, _, _, neg2 = A1111Prompt().encode(None, clip, "a cat", " ", 4)
+        _, _, _, neg_space = A1111Prompt().encode(None, clip, "a cat", " ", 4)
     assert pos[0][0].shape[-1] == 96 and neg[0][0].shape == pos[0][0].shape
     assert not neg[0][0].any() and not neg[0][1]["pooled_output"].any()
-    assert neg2[0][0].any()                                   # only the exactly empty prompt
+    assert neg_space[0][0].any()                                   # only the exactly empty prompt
 
 
 WORKFLOWS = Path(__file__).resolve().parents[2] / "workflows"
@@ -244,6 +248,7 @@ def test_demo_workflows_run(tmp_path: Path, name: str) -> None:
 def test_lora_found_by_its_ss_output_name_alias(env, tmp_path: Path) -> None:
     model, clip = env
     import shutil
+
     from safetensors.torch import load_file, save_file
     src = tmp_path / "models" / "loras" / "styles" / "easel-demo-lora.safetensors"
     save_file(load_file(str(src)), str(tmp_path / "models" / "loras" / "renamed.safetensors"),
