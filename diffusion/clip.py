@@ -28,6 +28,8 @@ chunk so that mean(z') = mean(z). Embedding vectors replace rows of the token-em
 """
 from __future__ import annotations
 
+import hashlib
+
 import importlib.util
 import logging
 from collections.abc import Callable, Mapping, Sequence
@@ -37,7 +39,7 @@ from typing import Any, Literal, Protocol
 import torch
 
 from diffusion.detect import ModelFamily
-from diffusion.patcher import ModelPatcher
+from diffusion.patcher import ModelPatcher, identity_token
 from diffusion.prompt_weights import EMBEDDING_PREFIX, parse_weights, resolve_embedding_word, split_embedding_words
 from diffusion.tokenizer import CHUNK_LENGTH, EOS, Chunk, CLIPTokenizer, WeightedItem, chunk_groups
 
@@ -150,6 +152,15 @@ class CLIP:
 
     def __repr__(self) -> str:
         return f"CLIP({self.family.name}, encoders={list(self.keys)}, layer_idx={self.layer_idx})"
+
+    def patch_fingerprint(self) -> str:
+        """Equal fingerprints encode equally: the encoders and their patches, the clip-skip layer
+        and where embeddings come from. The graph cache compares CLIP values by it, so a LoRA
+        loader that changed only its model strength leaves text encoding cached."""
+        lookup = "" if self.embedding_lookup is None else f"lookup:{identity_token(self.embedding_lookup)}"
+        parts = [self.patcher.patch_fingerprint(), repr(self.layer_idx), lookup,
+                 *(str(d.resolve()) for d in self.embedding_dirs)]
+        return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
     # ------------------------------------------------------------------ tokenizing
     def _lookup(self) -> Callable[[str], EmbeddingLike | None]:
