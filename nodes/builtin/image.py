@@ -59,8 +59,7 @@ class SaveImage:
                              f"found shape {tuple(images.shape)}")
         height, width = int(images.shape[1]), int(images.shape[2])
         target = image_io.save_target(self._root(), filename_prefix + self.prefix_append, width, height)
-        parameters = (image_io.a1111_parameters(prompt, width, height, save_node=current().node_id)
-                      if prompt else None)
+        parameters = _parameters(prompt, width, height)
         results = []
         for batch_number, image in enumerate(images):
             name = target.file_name(batch_number, batch_number)
@@ -68,6 +67,18 @@ class SaveImage:
                               parameters=parameters, compress_level=self.compress_level)
             results.append({"filename": name, "subfolder": target.subfolder, "type": self.type})
         return {"ui": {"images": results}}
+
+
+def _parameters(prompt: dict[str, Any] | None, width: int, height: int) -> str | None:
+    """The A1111 `parameters` text; best effort: a graph it cannot read gives a warning, not a failed save."""
+    if not prompt:
+        return None
+    rt = current()
+    try:
+        return image_io.a1111_parameters(prompt, width, height, save_node=rt.node_id)
+    except Exception as exc:  # noqa: BLE001 - metadata must never cost the user the picture
+        rt.warn(f"A1111 parameters not written: {exc}", {"class_type": "SaveImage"})
+        return None
 
 
 class PreviewImage(SaveImage):

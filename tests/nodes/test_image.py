@@ -166,3 +166,13 @@ def test_through_the_executor_load_scale_save(folders):
     bad = ex.run({**prompt, "1": {"class_type": "LoadImage", "inputs": {"image": "nope.png"}}})
     assert bad.status == "invalid" and "Invalid image file: nope.png" in json.dumps(bad.validation.node_errors
                                                                                      if bad.validation else {})
+
+
+def test_unreadable_graph_still_saves_with_a_warning(folders):
+    events = []
+    odd = {"3": {"class_type": "KSampler", "inputs": {"positive": ["6", 0]}}, "6": {"class_type": "X", "inputs": 5}}
+    with running(NodeRuntime(node_id="9", emit=lambda e, d: events.append((e, d)))):
+        out = image_nodes.SaveImage().save_images(_images(1), "odd", prompt=odd)
+    path = folders.output_dir / out["ui"]["images"][0]["filename"]
+    assert image_io.read_metadata(path).prompt == odd
+    assert [e for e, _ in events] == ["warning"] and "A1111 parameters" in events[0][1]["message"]
