@@ -95,7 +95,7 @@ def slerp(a: torch.Tensor, b: torch.Tensor, r: torch.Tensor, dim: int = 1) -> to
 def bislerp(samples: torch.Tensor, width: int, height: int) -> torch.Tensor:
     """Resize [B, C, H, W] by slerp of channel vectors: first along width, then along height."""
     x = samples.float()
-    b, c, h, w = x.shape
+    h, w = x.shape[-2], x.shape[-1]
     i0, i1, r = _axis_weights(w, width)                   # [width]
     x = slerp(x[..., i0], x[..., i1], r.view(1, 1, 1, width))          # [B, C, H, width]
     j0, j1, s = _axis_weights(h, height)                  # [height]

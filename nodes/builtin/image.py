@@ -12,7 +12,7 @@ import hashlib
 import os
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -172,8 +172,8 @@ class LoadImage:
 class ImageScale:
     """Resize images to width x height (0 for one side keeps the aspect ratio)."""
 
-    upscale_methods = list(latent_ops.IMAGE_METHODS)
-    crop_methods = list(latent_ops.CROP_METHODS)
+    upscale_methods: ClassVar[list[str]] = list(latent_ops.IMAGE_METHODS)
+    crop_methods: ClassVar[list[str]] = list(latent_ops.CROP_METHODS)
 
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, Any]:

@@ -6,7 +6,7 @@ know the model, so it is made with those values (the sampler checks the channels
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -42,8 +42,8 @@ class EmptyLatentImage:
 class LatentUpscale:
     """Resize latents to a pixel size (0 for one side keeps the aspect ratio)."""
 
-    upscale_methods = list(latent_ops.LATENT_METHODS)
-    crop_methods = list(latent_ops.CROP_METHODS)
+    upscale_methods: ClassVar[list[str]] = list(latent_ops.LATENT_METHODS)
+    crop_methods: ClassVar[list[str]] = list(latent_ops.CROP_METHODS)
 
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, Any]:
@@ -70,7 +70,7 @@ class LatentUpscale:
 class LatentUpscaleBy:
     """Resize latents by a factor."""
 
-    upscale_methods = list(latent_ops.LATENT_METHODS)
+    upscale_methods: ClassVar[list[str]] = list(latent_ops.LATENT_METHODS)
 
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, Any]:

@@ -19,7 +19,7 @@ def _pixels_rgb(pixels: torch.Tensor, node: str) -> torch.Tensor:
 
 def _latent(samples: Any, node: str) -> torch.Tensor:
     if not isinstance(samples, dict) or not isinstance(samples.get("samples"), torch.Tensor):
-        raise ValueError(f"{node}: input 'samples' must be a LATENT dict with a 'samples' tensor, "
+        raise TypeError(f"{node}: input 'samples' must be a LATENT dict with a 'samples' tensor, "
                          f"found {type(samples).__name__}")
     return samples["samples"]
 

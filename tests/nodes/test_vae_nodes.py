@@ -59,7 +59,7 @@ def test_tiled_encode_shapes(vae):
 
 
 def test_bad_inputs_name_node_and_input(vae):
-    with pytest.raises(ValueError, match="VAEDecode: input 'samples'"):
+    with pytest.raises(TypeError, match="VAEDecode: input 'samples'"):
         vae_nodes.VAEDecode().decode(vae, torch.zeros(1, 4, 2, 2))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="VAEEncode: input 'pixels'"):
         vae_nodes.VAEEncode().encode(vae, torch.zeros(1, 8, 8))
