@@ -6,9 +6,11 @@ UI does with its two prompt boxes (prompts.md §1):
   prompt and applied in order to MODEL and CLIP (LoRA through diffusion.lora like LoraLoader, with
   strength_model = unet, strength_clip = te; hypernetworks like HypernetworkLoader). Names are
   A1111's: the file stem (or the relative path, with or without extension) in models/loras and
-  models/hypernetworks. Unknown tag types and missing files are warning events; a non-numeric
-  multiplier applies no LoRA of the prompt (A1111) and is a warning. Tags in the negative prompt
-  stay text, as in A1111.
+  models/hypernetworks (LoRAs also by their `ss_output_name`). Unknown tag types and missing files
+  are warning events; a non-numeric multiplier applies no LoRA of the prompt (A1111) and is a
+  warning. Tags in the negative prompt stay text, as in A1111. Differences: `dyn` (DyLoRA rank) is
+  parsed but not used; the same LoRA named twice is applied twice with each tag's own multipliers
+  (A1111 applies it twice with the last tag's).
 - the positive prompt is split on AND, each part scheduled (`[a:b:when]`, `[a|b]`) for `steps`,
   chunked A1111's way (BREAK, comma backtracking, bare-name embeddings from the CLIP's embedding
   folders) and encoded; schedule entries carry `a1111_calls` ranges that the samplers honour

@@ -272,3 +272,13 @@ def test_embedding_record_is_frozen() -> None:
     emb = Embedding("x", {"l": torch.zeros(1, 4)})
     with pytest.raises(AttributeError):
         emb.name = "y"                                    # type: ignore[misc]
+
+
+def test_parameterdict_file_read_from_raw_storage(tmp_path: Path) -> None:
+    # torch 1.11-era A1111 files keep a ParameterDict, which the safe unpickler refuses
+    vec = rows(2, 768, 31)
+    params = torch.nn.ParameterDict({"*": torch.nn.Parameter(vec.clone())})
+    torch.save({"string_to_token": {"*": 265}, "string_to_param": params, "name": "old"}, tmp_path / "old.pt")
+    emb = load_embedding(tmp_path / "old.pt")
+    assert emb.name == "old"
+    torch.testing.assert_close(emb.vectors["l"], vec, rtol=0, atol=0)
