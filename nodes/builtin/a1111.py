@@ -26,6 +26,7 @@ and does not re-read or re-patch anything.
 """
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ from diffusion.a1111_prompt import (
     lora_from_tag,
     strip_extra_networks,
 )
+from diffusion.embeddings import list_embeddings
 from diffusion.hypernetwork import apply_hypernetwork, load_hypernetwork
 from diffusion.lora import load_lora
 from diffusion.prompt_schedule import a1111_conditioning
@@ -146,6 +148,24 @@ class A1111Prompt:
                               "tooltip": "The sampler's steps: prompt editing switches are counted in them."}),
             "weight_interpretation": (["a1111", "comfy"], {"default": "a1111"}),
         }}
+
+    @classmethod
+    def IS_CHANGED(cls, positive: str = "", negative: str = "", **_: Any) -> str:
+        """Versions of the files the prompts can use (every embedding file, the tagged LoRAs and
+        hypernetworks), so adding or replacing one re-runs the node instead of reusing a stale output."""
+        folders = current_folders()
+        seen: list[str] = []
+        for name, path in sorted(list_embeddings(folders.dirs("embeddings")).items()):
+            st = path.stat()
+            seen.append(f"e:{name}:{st.st_mtime_ns}:{st.st_size}")
+        for tag in strip_extra_networks(positive)[1]:
+            kind = {"lora": "loras", "lyco": "loras", "hypernet": "hypernetworks"}.get(tag.kind)
+            name = tag.positional[0] if kind and tag.positional else None
+            found = _find(kind, name) if kind and name else None
+            if found is not None:
+                st = folders.resolve(kind, found).stat()
+                seen.append(f"{kind}:{found}:{st.st_mtime_ns}:{st.st_size}")
+        return hashlib.sha256("|".join(seen).encode()).hexdigest()
 
     RETURN_TYPES = ("MODEL", "CLIP", "CONDITIONING", "CONDITIONING")
     RETURN_NAMES = ("MODEL", "CLIP", "positive", "negative")

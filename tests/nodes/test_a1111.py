@@ -256,3 +256,16 @@ def test_lora_found_by_its_ss_output_name_alias(env, tmp_path: Path) -> None:
     shutil.rmtree(src.parent)
     m, _, _, _ = A1111Prompt().encode(model, clip, "<lora:fancy-style:0.5> x", "", 4)
     assert {r.strength for r in m.records()} == {0.5}
+
+
+def test_is_changed_follows_the_files_the_prompt_can_use(env, tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    first = A1111Prompt.IS_CHANGED(positive=PROMPT, negative="x")
+    assert A1111Prompt.IS_CHANGED(positive=PROMPT, negative="y") == first        # files, not texts
+    write_hypernetwork(models / "hypernetworks" / "other.pt", [32])                  # not named: no change
+    assert A1111Prompt.IS_CHANGED(positive=PROMPT, negative="x") == first
+    write_hypernetwork(models / "hypernetworks" / "easel-demo-hypernet.pt", [32], seed=99)   # replaced
+    second = A1111Prompt.IS_CHANGED(positive=PROMPT, negative="x")
+    assert second != first
+    write_demo_embedding(models / "embeddings" / "sub", name="newemb.safetensors")   # a new embedding
+    assert A1111Prompt.IS_CHANGED(positive=PROMPT, negative="x") != second
