@@ -235,6 +235,7 @@ class CFGDenoiser:
         self.max_batch = max_batch
         self.calls = 0                 # denoiser calls so far (A1111 prompt-schedule ranges)
         self._ts_cache: dict[float, Tensor] = {}
+        self._ctx_cache: dict[tuple, Tensor | None] = {}
 
     def _timestep(self, sigma: Tensor) -> Tensor:
         key = float(sigma[0])
@@ -257,6 +258,7 @@ class CFGDenoiser:
         return out
 
     def __call__(self, x: Tensor, sigma: Tensor, **_: Any) -> Tensor:
+        sigma = sigma.cpu()                # samplers pass CPU sigmas: no device sync here
         s = float(sigma[0])
         sides = [self._active(self.positive, s)]
         if not self.skip_uncond:
@@ -283,13 +285,7 @@ class CFGDenoiser:
         for members in groups.values():
             step = len(members) if self.max_batch is None else max(1, self.max_batch // b)
             for i in range(0, len(members), step):
-                part = members[i:i + step]
-                ctxs = _match_context([_batch(e.context, b) for _, e in part])
-                if ctxs is None:        # incompatible token widths: one call per entry
-                    for item in part:
-                        results.extend(self._run(x, sigma, [item]))
-                else:
-                    results.extend(self._run(x, sigma, part, ctxs))
+                results.extend(self._run(x, sigma, members[i:i + step]))
         outs: list[Tensor] = []
         for k in range(len(sides)):
             mine = [(e, d) for kk, e, d in results if kk == k]
@@ -316,12 +312,21 @@ class CFGDenoiser:
             outs.append(acc / count)
         return outs
 
-    def _run(self, x: Tensor, sigma: Tensor, part: list[tuple[int, CondEntry]],
-             ctxs: list[Tensor] | None = None) -> list[tuple[int, CondEntry, Tensor]]:
-        """One UNet call for the chunks of `part` (same area size), batched along dim 0."""
+    def _context(self, part: list[tuple[int, CondEntry]], b: int) -> Tensor | None:
+        """The batched context of a group of chunks (cached: it is the same at every step)."""
+        key = (tuple(id(e) for _, e in part), b)
+        if key not in self._ctx_cache:
+            ctxs = _match_context([_batch(e.context, b) for _, e in part])
+            self._ctx_cache[key] = None if ctxs is None else (ctxs[0] if len(ctxs) == 1 else torch.cat(ctxs))
+        return self._ctx_cache[key]
+
+    def _run(self, x: Tensor, sigma: Tensor, part: list[tuple[int, CondEntry]]) -> list[tuple[int, CondEntry, Tensor]]:
+        """One UNet call for the chunks of `part` (same area size), batched along dim 0; one call
+        per chunk when their contexts cannot be batched."""
         b = x.shape[0]
-        if ctxs is None:
-            ctxs = [_batch(e.context, b) for _, e in part]
+        context = self._context(part, b)
+        if context is None:
+            return [r for item in part for r in self._run(x, sigma, [item])]
         xs, extra_te, extra_ti, extra_cc = [], [], [], []
         for _, e in part:
             xi = x
@@ -345,9 +350,10 @@ class CFGDenoiser:
             kwargs["time_ids"] = torch.cat(extra_ti).to(x.device)
         if len(extra_cc) == n:
             kwargs["concat"] = torch.cat(extra_cc).to(x.device, x.dtype)
-        context = (ctxs[0] if n == 1 else torch.cat(ctxs)).to(x.device)
-        out = self.model.apply_model(self.sampling.calculate_input(sig, x_in), self._timestep(sig),
-                                     context, **kwargs)
+        context = context.to(x.device)
+        t = self._timestep(sig)
+        sig = sig.to(x.device, x.dtype, non_blocking=True)
+        out = self.model.apply_model(self.sampling.calculate_input(sig, x_in), t, context, **kwargs)
         denoised = self.sampling.calculate_denoised(sig, out.to(x_in.dtype), x_in)
         return [(k, e, d) for (k, e), d in zip(part, denoised.split(b))]
 
@@ -361,5 +367,6 @@ class MaskedDenoiser:
 
     def __call__(self, x: Tensor, sigma: Tensor, **kwargs: Any) -> Tensor:
         keep = 1.0 - self.mask
-        x = x * self.mask + (self.latent_image + self.noise * sigma.reshape(-1, 1, 1, 1)) * keep
+        s = sigma.to(x.device, x.dtype).reshape(-1, 1, 1, 1)
+        x = x * self.mask + (self.latent_image + self.noise * s) * keep
         return self.inner(x, sigma, **kwargs) * self.mask + self.latent_image * keep

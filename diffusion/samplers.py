@@ -1,7 +1,7 @@
 """Sampler update rules in the k-diffusion convention (samplers.md section 4).
 
 Every sampler is one function `sample_<name>(model, x, sigmas, extra_args=None, callback=None,
-disable=None, ...) -> x` where `model(x, sigma[B], **extra_args) -> denoised` works in "sigma
+disable=None, ...) -> x` where `model(x, sigma[B], **extra_args) -> denoised` (sigma on the CPU) works in "sigma
 space" (x = x0 + sigma * eps) and `sigmas` is a decreasing 1-D schedule. Loop state lives in locals.
 Scalar coefficients are computed in Python floats (float64) from `sigmas.tolist()`: one host
 sync per run, no tiny tensor ops per step. `callback(info)` gets {"x", "i", "sigma", "sigma_hat",
@@ -45,10 +45,12 @@ def ancestral_step(sigma_from: float, sigma_to: float, eta: float = 1.0) -> tupl
 
 
 def _setup(x: Tensor, sigmas: Tensor, extra_args: dict | None) -> tuple[list[float], dict, int | None, Tensor]:
-    """(sigmas as floats, model kwargs without the seed, seed, ones[B] to build sigma vectors)."""
+    """(sigmas as floats, model kwargs without the seed, seed, ones[B] to build sigma vectors).
+    The sigma vectors live on the CPU: reading them (range checks, timesteps) never waits for
+    the accelerator; the denoiser moves them to x's device where it computes with them."""
     args = dict(extra_args or {})
     seed = args.pop("seed", None)
-    return [float(s) for s in sigmas.tolist()], args, seed, x.new_ones([x.shape[0]])
+    return [float(s) for s in sigmas.tolist()], args, seed, torch.ones([x.shape[0]], dtype=x.dtype)
 
 
 def default_noise_sampler(x: Tensor, seed: int | None = None) -> NoiseSampler:
