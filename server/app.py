@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from graph.executor import Executor
 from nodes.folders import ModelFolders
 
 from . import routes_files, routes_info, routes_prompt
+from .backends import Backend
 from .frontend import add_frontend, find_web_root
 from .queue_store import MAX_RETRIES, AcceptBatcher, HistoryBook, JobQueue, QueueStore
 from .security import errors_middleware, origin_middleware, token_middleware
@@ -109,11 +110,22 @@ def restore(store: QueueStore, queue: JobQueue, history: HistoryBook) -> None:
     queue.put(again)
 
 
-def create_app(settings: Settings, registry: Any = None) -> web.Application:
+# a worker pool for the server's folders: (the backends, how to replace the one of a slot)
+PoolFactory = Callable[[ModelFolders], tuple[Sequence[Backend], Callable[[int], Backend] | None]]
+
+
+def create_app(settings: Settings, registry: Any = None, pool: PoolFactory | None = None,
+               affinity_wait: float | None = None) -> web.Application:
+    """The app; with `pool`, prompts run on its backends (server/scheduler.py) instead of in-process."""
     folders = make_folders(settings)
     registry = registry if registry is not None else default_registry(settings)
     store = QueueStore(settings.db_path, settings.max_history)
-    queue, history = JobQueue(), HistoryBook(settings.max_history)
+    if pool is not None:
+        from .scheduler import PoolQueue
+        queue: JobQueue = PoolQueue()
+    else:
+        queue = JobQueue()
+    history = HistoryBook(settings.max_history)
     restore(store, queue, history)
     flags = server_flags(settings)
     hub = Hub(flags, lambda: {"exec_info": {"queue_remaining": queue.remaining()}})
@@ -126,8 +138,16 @@ def create_app(settings: Settings, registry: Any = None) -> web.Application:
             ensure_demo_files(job.prompt, folders)
 
     st_box: list[ServerState] = []
-    worker = Worker(executor, queue, history, store, hub, folders, settings.preview_method, prepare, compat,
-                    specs=lambda: routes_prompt.spec_table(st_box[0]))
+    specs = lambda: routes_prompt.spec_table(st_box[0])  # noqa: E731
+    if pool is not None:
+        from .scheduler import AFFINITY_WAIT, PoolWorker
+        backends, make_backend = pool(folders)
+        worker: Worker = PoolWorker(executor, queue, history, store, hub, folders, settings.preview_method, prepare,
+                                    compat, specs=specs, backends=backends, make_backend=make_backend,
+                                    affinity_wait=AFFINITY_WAIT if affinity_wait is None else affinity_wait)
+    else:
+        worker = Worker(executor, queue, history, store, hub, folders, settings.preview_method, prepare, compat,
+                        specs=specs)
     hub.on_connect = worker.connect_replay
     batcher = AcceptBatcher(store, queue, hub.send_status)
     web_root = find_web_root(settings.frontend_root) if settings.frontend else None
@@ -189,10 +209,36 @@ def serve(args: argparse.Namespace) -> int:
     settings = Settings.from_args(args)
     from nodes.environment import configure_devices
     configure_devices(cpu=settings.cpu, lowvram=settings.lowvram)
-    app = create_app(settings)
+    ray_address = getattr(args, "ray", None)
+    pool = None
+    if ray_address:
+        pool = ray_pool(settings, ray_address, getattr(args, "workers", None))
+    app = create_app(settings, pool=pool)
     if not settings.loopback_only:
         log.warning("listening on %s: other machines can reach this server%s", settings.host,
                     "" if settings.token else " (no --token set: anyone who can connect can queue prompts)")
     web.run_app(app, host=settings.host, port=settings.port, access_log=None,
                 print=lambda _msg: log.info("Easel serving on http://%s:%d", settings.host, settings.port))
+    if ray_address:
+        import ray
+        ray.shutdown()
     return 0
+
+
+def ray_pool(settings: Settings, address: str, workers: int | None) -> PoolFactory:
+    """`--ray ADDRESS|auto [--workers N]`: join or start the cluster; the pool factory for create_app.
+    A cluster this process started shares the server's output folder with its workers; on a
+    cluster of other machines the workers send their files back (server/ray_backend.py)."""
+    try:
+        from . import ray_backend
+    except ImportError as exc:
+        raise SystemExit(f"--ray needs the ray package (pip install 'easel[ray]'): {exc}") from exc
+    local = ray_backend.connect(address)
+    plan = ray_backend.plan_pool(workers)
+    log.info("Ray: %d worker(s), %s GPU and %s CPU each", plan.count, plan.gpus_per_worker, plan.cpus_per_worker)
+
+    def factory(folders: ModelFolders) -> tuple[Sequence[Backend], Callable[[int], Backend] | None]:
+        config = ray_backend.worker_config(settings, folders, shared_output=local)
+        ray_pool = ray_backend.RayPool(config, plan, folders)
+        return ray_pool.start_all(), ray_pool.make
+    return factory

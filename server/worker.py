@@ -23,6 +23,8 @@ from graph import events as ev
 from graph.executor import Executor, RunResult
 from nodes.folders import ModelFolders, use_folders
 
+from .backends import Backend, InProcessBackend, RunRequest, WorkerLost
+
 from .queue_store import HistoryBook, Job, JobQueue, QueueStore
 from .websocket import Hub, Preview
 
@@ -67,8 +69,11 @@ def _encode_preview(image: Any) -> tuple[bytes, str] | None:
 class JobEvents:
     """The executor's sink for one job: routing, progress_state, previews, held terminal events."""
 
-    def __init__(self, worker: Worker, job: Job) -> None:
+    def __init__(self, worker: Worker, job: Job, slot: Any = None) -> None:
         self.worker, self.job = worker, job
+        # where the job runs: has current_node, pending_interrupt and backend (the Worker itself
+        # in-process, a scheduler.Slot in a pool)
+        self.slot = slot if slot is not None else worker
         self.sid = job.client_id
         self.hub = worker.hub
         method = job.extra_data.get("preview_method") or worker.preview_method
@@ -115,7 +120,7 @@ class JobEvents:
                 return                   # the worker sends its own after the history entry
             self.finish_running()
             self.running_node = node
-            self.worker.current_node = node
+            self.slot.current_node = node
             self.worker.compat_set(last_node_id=node)
             self.set_state(node, "running")
             self.progress_state()
@@ -141,8 +146,8 @@ class JobEvents:
                 self.finish_running()
             self.held.append((event, data))
         elif event == ev.EXECUTION_START:
-            if self.worker.pending_interrupt == self.job.prompt_id:
-                self.worker.executor.interrupt()
+            if self.slot.pending_interrupt == self.job.prompt_id:
+                self.slot.backend.interrupt()
             self.to_client(event, data)
         elif event == ev.EXECUTION_CACHED:
             self.to_client(event, data)
@@ -172,8 +177,9 @@ class Worker:
     def __init__(self, executor: Executor, queue: JobQueue, history: HistoryBook, store: QueueStore,
                  hub: Hub, folders: ModelFolders, preview_method: str = "none",
                  prepare: Callable[[Job], None] | None = None, compat: Any = None,
-                 specs: Callable[[], Any] | None = None) -> None:
+                 specs: Callable[[], Any] | None = None, backend: Backend | None = None) -> None:
         self.executor, self.queue, self.history, self.store, self.hub = executor, queue, history, store, hub
+        self.backend: Backend = backend if backend is not None else InProcessBackend(executor)
         self.folders = folders
         self.preview_method = preview_method
         self.prepare = prepare           # e.g. ensure_demo_files before a run
@@ -181,21 +187,16 @@ class Worker:
         # the server's short-lived SpecTable, handed to executors that accept one (saves re-reading
         # every node class, and the model-file listings of loaders, for each run)
         self.specs = specs if specs is not None and "specs" in inspect.signature(executor.run).parameters else None
+        self.name = "local"
         self.current_node: str | None = None
         self.pending_interrupt: str | None = None
         self.free_request: dict[str, bool] = {}
         self.jobs_done = 0
-        self._events: JobEvents | None = None
         self._stopping = False
         self._unsaved: list[tuple[str, Any]] = []
         self._unsaved_since = 0.0
+        self._save_lock = threading.Lock()
         self._thread: threading.Thread | None = None
-        executor.sink = self._sink
-
-    def _sink(self, event: str, data: dict[str, Any]) -> None:
-        events = self._events
-        if events is not None:
-            events(event, data)
 
     def compat_set(self, **values: Any) -> None:
         if self.compat is not None:
@@ -209,7 +210,7 @@ class Worker:
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stopping = True
-        self.executor.interrupt()
+        self.backend.interrupt()
         self.queue.wake()
         if self._thread is not None:
             self._thread.join(timeout)
@@ -220,7 +221,7 @@ class Worker:
         if running is None or (prompt_id is not None and running.prompt_id != prompt_id):
             return False
         self.pending_interrupt = running.prompt_id
-        self.executor.interrupt()
+        self.backend.interrupt()
         return True
 
     def request_free(self, unload_models: bool, free_memory: bool) -> None:
@@ -254,16 +255,14 @@ class Worker:
     def _apply_free(self) -> None:
         request, self.free_request = self.free_request, {}
         if request.get("free_memory") or request.get("unload_models"):
-            self.executor.cache.clear()
-            self.executor._instances.clear()
-            import gc
-            gc.collect()
+            self.backend.free(bool(request.get("unload_models")), bool(request.get("free_memory")))
 
     def _save(self) -> None:
         """Write the finished jobs not on disk yet (history entries in, queue rows out) in one commit."""
-        if not self._unsaved:
-            return
-        ops, self._unsaved = self._unsaved, []
+        with self._save_lock:
+            if not self._unsaved:
+                return
+            ops, self._unsaved = self._unsaved, []
         try:
             self.store.write([*ops, self.store.op_trim()])
         except Exception:
@@ -274,11 +273,9 @@ class Worker:
         job.start_time = int(time.time() * 1000)
         self.store.mark_running(job.prompt_id)
         events = JobEvents(self, job)
-        self._events = events
         self.current_node = None
         self.compat_set(client_id=job.client_id, last_prompt_id=job.prompt_id)
         result = self._execute(job, events)
-        self._events = None
         self.current_node = None
         self.pending_interrupt = None
         self.store.mark_running(None)
@@ -286,17 +283,28 @@ class Worker:
             # a graceful shutdown stopped it: it stays queued on disk and runs at the next start
             self.queue.done(job)
             return None
+        self._record(job, result)
+        nxt = None if self._stopping or self.free_request else self.queue.take(timeout=0)
+        if nxt is None or time.monotonic() - self._unsaved_since > SAVE_DELAY or len(self._unsaved) > SAVE_BATCH * 3:
+            self._save()
+        self._announce(job, events)
+        return nxt
+
+    def _record(self, job: Job, result: RunResult) -> None:
+        """The history entry in memory now, on disk with the next batch; the job leaves the queue."""
         status_str = "success" if result.status == "success" else "error"
         entry = history_entry(job, status_str, result.outputs, result.messages)
         self.history.add(job.prompt_id, entry)
         self.queue.done(job)
-        if not self._unsaved:
-            self._unsaved_since = time.monotonic()
-        self._unsaved.extend(self.store.op_finish(job.prompt_id, entry))
-        nxt = None if self._stopping or self.free_request else self.queue.take(timeout=0)
-        if nxt is None or time.monotonic() - self._unsaved_since > SAVE_DELAY or len(self._unsaved) > SAVE_BATCH * 3:
-            self._save()
+        with self._save_lock:
+            if not self._unsaved:
+                self._unsaved_since = time.monotonic()
+            self._unsaved.extend(self.store.op_finish(job.prompt_id, entry))
         self.jobs_done += 1
+
+    def _announce(self, job: Job, events: JobEvents) -> None:
+        """The end of a job on the websocket (once its history entry exists): held terminal event,
+        status, `executing {node: null}`."""
         for event, data in events.held:
             if event == ev.EXECUTION_INTERRUPTED:
                 self.hub.post_threadsafe((event, data, None))       # ComfyUI broadcasts it
@@ -304,15 +312,17 @@ class Worker:
                 events.to_client(event, data)
         self.hub.post_threadsafe(("status", {"status": {"exec_info": {"queue_remaining": self.queue.remaining()}}}, None))
         events.to_client(ev.EXECUTING, {"node": None, "prompt_id": job.prompt_id})
-        return nxt
 
-    def _execute(self, job: Job, events: JobEvents) -> RunResult:
+    def _execute(self, job: Job, events: JobEvents, backend: Backend | None = None) -> RunResult:
+        backend = backend if backend is not None else self.backend
         try:
             if self.prepare is not None:
                 self.prepare(job)
-            extra = {"specs": self.specs()} if self.specs is not None and job.report is not None else {}
-            result = self.executor.run(job.prompt, job.prompt_id, {**job.extra_data, **job.sensitive},
-                                       targets=job.targets, report=job.report, **extra)
+            specs = self.specs() if self.specs is not None and job.report is not None else None
+            request = RunRequest(job.prompt, job.prompt_id, {**job.extra_data, **job.sensitive}, job.targets)
+            result = backend.run(request, events, report=job.report, specs=specs)
+        except WorkerLost:
+            raise
         except Exception as exc:   # the executor itself failed: report it like a node error
             payload: dict[str, Any] = {
                 "prompt_id": job.prompt_id, "node_id": None, "node_type": None, "executed": [],
