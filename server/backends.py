@@ -91,7 +91,7 @@ class ModelTracker:
         records = getattr(self.executor, "_records", {})
         for node_id, keys in model_keys(prompt).items():
             record = records.get(node_id)
-            sig = getattr(record, "sig", None)
+            sig = getattr(record, "signature", None)
             if sig is not None:
                 self._by_sig[sig] = keys
         cache = self.executor.cache
