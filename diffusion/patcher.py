@@ -14,7 +14,7 @@ touched when a sampler or text encoder needs the module on its device.
   full-size deltas that are expensive to build (LoHa, LoKr, Tucker, DoRA normalisation) are kept in a
   byte-bounded LRU (`DELTA_CACHE`) keyed by adapter; low-rank LoRA factors are applied with one fused
   `addmm` (`W0 + c * up @ down` in a single pass over W, no full delta in memory).
-- Attention hooks: `model_options["attn2_kv"]` (docs/contracts.md) is a list of callables
+- Attention hooks: `model_options["attn2_kv"]` / `["attn1_kv"]` (docs/contracts.md) are lists of callables
   `fn(context_k, context_v) -> (context_k, context_v)`; `patch_model` installs `KVHookProcessor` on
   every diffusers `attn2` module and `unpatch_model` puts the original processors back.
 """
@@ -264,8 +264,9 @@ def compute_patched(original: torch.Tensor, records: Sequence[WeightPatch],
 
 
 class KVHookProcessor:
-    """A diffusers attention processor for `attn2` that passes the context through the
-    `attn2_kv` hooks before the key and value projections (hypernetworks)."""
+    """A diffusers attention processor that passes the key/value input (the text context for
+    `attn2`, the hidden states for self-attention `attn1`) through the `<kind>_kv` hooks before
+    the key and value projections (hypernetworks)."""
 
     def __init__(self, hooks: Sequence[Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]]) -> None:
         self.hooks = list(hooks)
@@ -314,9 +315,12 @@ class KVHookProcessor:
         return out / attn.rescale_output_factor
 
 
-def _attn2_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+HOOK_KINDS = ("attn1", "attn2")   # self-attention, cross-attention: model_options["<kind>_kv"]
+
+
+def _attn_modules(model: torch.nn.Module, kind: str) -> list[tuple[str, torch.nn.Module]]:
     return [(name, mod) for name, mod in model.named_modules()
-            if name.endswith("attn2") and hasattr(mod, "set_processor") and hasattr(mod, "processor")]
+            if name.endswith(kind) and hasattr(mod, "set_processor") and hasattr(mod, "processor")]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -328,7 +332,7 @@ class _ModuleState:
         self.lock = threading.RLock()
         self.originals: dict[str, torch.Tensor] = {}       # key -> the original tensor object W0
         self.applied: dict[str, tuple] = {}                 # key -> signature of the records it carries
-        self.processors: dict[str, Any] = {}                # attn2 module name -> original processor
+        self.processors: dict[str, Any] = {}                # attn1/attn2 module name -> original processor
         self.hooks_sig: tuple = ()
 
 
@@ -438,8 +442,8 @@ class ModelPatcher:
         return h.hexdigest()
 
     # ---------------------------------------------------------------- applying
-    def _hooks(self) -> list[Callable]:
-        return list(self.model_options.get("attn2_kv", []) or [])
+    def _hooks(self, kind: str = "attn2") -> list[Callable]:
+        return list(self.model_options.get(f"{kind}_kv", []) or [])
 
     @torch.no_grad()
     def patch_model(self, device: torch.device | str | None = None) -> torch.nn.Module:
@@ -498,21 +502,22 @@ class ModelPatcher:
             p.data = orig if orig.device == p.device else orig.to(p.device)
 
     def _install_hooks(self, st: _ModuleState) -> None:
-        hooks = self._hooks()
-        sig = tuple(identity_token(h) for h in hooks)
+        per_kind = {kind: self._hooks(kind) for kind in HOOK_KINDS}
+        sig = tuple((kind, tuple(identity_token(h) for h in hooks)) for kind, hooks in per_kind.items() if hooks)
         if sig == st.hooks_sig:
             return
         self._remove_hooks(st)
-        if hooks:
-            proc = KVHookProcessor(hooks)
-            for name, mod in _attn2_modules(self.model):
-                st.processors[name] = mod.processor
-                mod.set_processor(proc)
+        for kind, hooks in per_kind.items():
+            if hooks:
+                proc = KVHookProcessor(hooks)
+                for name, mod in _attn_modules(self.model, kind):
+                    st.processors[name] = mod.processor
+                    mod.set_processor(proc)
         st.hooks_sig = sig
 
     def _remove_hooks(self, st: _ModuleState) -> None:
         if st.processors:
-            mods = dict(_attn2_modules(self.model))
+            mods = {name: mod for kind in HOOK_KINDS for name, mod in _attn_modules(self.model, kind)}
             for name, proc in st.processors.items():
                 if name in mods:
                     mods[name].set_processor(proc)

@@ -283,9 +283,6 @@ def test_other_dtype_uses_a_cast_copy(tmp_path: Path) -> None:
     assert hn.modules[8][0].net[0].weight.dtype == torch.float32      # the original stays fp32
 
 
-@pytest.mark.xfail(strict=True, reason="diffusion/patcher.py installs attention hooks on attn2 only; A1111 (and "
-                                       "ComfyUI) also apply hypernetworks to self-attention: contract change "
-                                       "requested (model_options['attn1_kv'])")
 def test_self_attention_context_in_the_unet(tmp_path: Path) -> None:
     c = tiny_components("sd1", seed=2)
     model = ModelPatcher(DiffusionModel(c.unet, c.family, "eps", torch.linspace(0.99, 0.01, 1000)), "cpu", "cpu")
