@@ -28,6 +28,7 @@ chunk so that mean(z') = mean(z). Embedding vectors replace rows of the token-em
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 
 import importlib.util
@@ -39,6 +40,7 @@ from typing import Any, Literal, Protocol
 import torch
 
 from diffusion.detect import ModelFamily
+from diffusion.errors import ModelFileError
 from diffusion.patcher import ModelPatcher, identity_token
 from diffusion.prompt_weights import EMBEDDING_PREFIX, parse_weights, resolve_embedding_word, split_embedding_words
 from diffusion.tokenizer import CHUNK_LENGTH, EOS, Chunk, CLIPTokenizer, WeightedItem, chunk_groups
@@ -96,6 +98,12 @@ def default_embedding_lookup(dirs: Sequence[Path]) -> Callable[[str], EmbeddingL
     return lookup
 
 
+@functools.lru_cache(maxsize=None)
+def shared_tokenizer(pad: int) -> CLIPTokenizer:
+    """One tokenizer per padding id for the whole process (building the BPE ranks takes ~0.3 s)."""
+    return CLIPTokenizer(pad=pad)
+
+
 class CLIP:
     """Tokenizer(s) + text encoder(s) of one checkpoint (docs/contracts.md)."""
 
@@ -111,7 +119,7 @@ class CLIP:
         self.patcher = patcher if patcher is not None else ModelPatcher(TextEncoders(encoders), load_device,
                                                                         offload_device)
         self.keys: tuple[str, ...] = tuple(k for k in ("l", "h", "g") if k in encoders)
-        self.tokenizers: dict[str, CLIPTokenizer] = {k: CLIPTokenizer(pad=PAD_IDS[k]) for k in self.keys}
+        self.tokenizers: dict[str, CLIPTokenizer] = {k: shared_tokenizer(PAD_IDS[k]) for k in self.keys}
         self.layer_idx: int | None = None
         self.embedding_dirs: list[Path] = [Path(d) for d in embedding_dirs]
         self.embedding_lookup = embedding_lookup
@@ -179,8 +187,14 @@ class CLIP:
             return None
         vec = vec.reshape(-1, vec.shape[-1]) if vec.dim() != 2 else vec
         if vec.shape[-1] != width:
+            widths = {k: _width(m) for k, m in self.encoders.items()}
+            if vec.shape[-1] not in widths.values():
+                # made for another model family: an error naming the file and both sizes
+                raise ModelFileError(getattr(emb, "path", None) or name,
+                                     f"embedding {name!r} has vectors of width {vec.shape[-1]}, but this "
+                                     f"{self.family.name} text encoder {key!r} expects width {width}")
             warn(f"embedding {name!r} has width {vec.shape[-1]}, text encoder {key!r} expects {width}; "
-                 f"encoded without it")
+                 f"encoded without it there")
             return None
         return vec.detach().float().cpu()
 

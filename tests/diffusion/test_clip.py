@@ -219,12 +219,11 @@ def test_missing_embedding_warns_and_is_left_out(sd1: CLIP) -> None:
     assert tokens == sd1.tokenize("cat")
 
 
-def test_embedding_width_mismatch_warns() -> None:
-    warnings: list[str] = []
+def test_embedding_width_mismatch_is_an_error_naming_both_sizes() -> None:
+    from diffusion.errors import ModelFileError
     clip = make_clip("sd1", embedding_lookup=lambda name: Emb(name, {"l": torch.zeros(1, 768)}))
-    tokens = clip.tokenize("embedding:big cat", on_warning=warnings.append)
-    assert len(warnings) == 1 and "768" in warnings[0] and "32" in warnings[0]
-    assert [t for t, _ in tokens["l"][0][:3]] == [BOS, 2368, EOS]
+    with pytest.raises(ModelFileError, match=r"'big' has vectors of width 768.*expects width 32"):
+        clip.tokenize("embedding:big cat")
 
 
 def test_sdxl_embedding_rows_per_encoder() -> None:
