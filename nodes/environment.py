@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -38,22 +39,21 @@ def demo_builders() -> dict[str, dict[str, Callable[[Path], Path]]]:
     return builders
 
 
-def _strings(prompt: Mapping[str, Mapping[str, Any]]) -> set[str]:
-    found = set()
+def _words(prompt: Mapping[str, Mapping[str, Any]]) -> set[str]:
+    """Every string input and every word in it: file names of combos, and names inside prompt text
+    (`embedding:name`, A1111 bare embedding names, `<lora:name:w>`, `<hypernet:name:w>`)."""
+    found: set[str] = set()
     for node in prompt.values():
         for value in (node.get("inputs") or {}).values():
             if isinstance(value, str):
                 found.add(value)
-                if "<" in value:   # A1111 tags: <lora:name:w>, <hypernet:name:w>
-                    found.update(part.split(":")[1] for part in value.split("<")[1:] if ":" in part)
-                if "embedding:" in value:
-                    found.update(part.split()[0].strip("(),") for part in value.split("embedding:")[1:] if part)
+                found.update(re.findall(r"[\w.\-/]+", value))
     return found
 
 
 def ensure_demo_files(prompt: Mapping[str, Mapping[str, Any]], folders: ModelFolders) -> list[Path]:
     """Create the demo model files a workflow names when they are missing; the paths created."""
-    wanted = _strings(prompt)
+    wanted = _words(prompt)
     made = []
     for kind, files in demo_builders().items():
         for name, build in files.items():
