@@ -331,9 +331,21 @@ def connect(address: str = "auto", num_cpus: int | None = None, num_gpus: int | 
             return False
         except ConnectionError:
             pass
+    _loopback_only()
     ray.init(address="local", include_dashboard=False, num_cpus=num_cpus, num_gpus=num_gpus,
-             _node_ip_address="127.0.0.1", log_to_driver=False, runtime_env={"env_vars": env})
+             log_to_driver=False, runtime_env={"env_vars": env})
     return True
+
+
+def _loopback_only() -> None:
+    """Make a local cluster bind 127.0.0.1 only. Ray takes its node address from the first
+    interface unless clusters are off (its desktop mode, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0):
+    then the node address is the loopback one and every gRPC server (GCS, raylet, workers)
+    binds to it. The switch is read once at import, so the module constant is set too; child
+    processes read the environment variable."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    from ray._private import ray_constants
+    ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def _local_cluster_running() -> bool:

@@ -32,6 +32,7 @@ def cluster() -> Iterator[None]:
         ray.shutdown()
     started = ray_backend.connect("local", num_cpus=4, num_gpus=0)
     assert started
+    assert [node["NodeManagerAddress"] for node in ray.nodes()] == ["127.0.0.1"]   # loopback only
     try:
         yield
     finally:
