@@ -47,8 +47,12 @@ def clip_config(key: str, hidden: int, layers: int = 2, intermediate: int | None
 
 
 def tiny_unet_config(fam: ModelFamily, context_dim: int, pooled_dim: int = 0,
-                     block_out_channels: tuple[int, ...] = (32, 64)) -> dict:
-    """A small UNet2DConditionModel config shaped like the family (attention layout, projections)."""
+                     block_out_channels: tuple[int, ...] = (32, 64), fast: bool = False) -> dict:
+    """A small UNet2DConditionModel config shaped like the family (attention layout, projections).
+
+    `fast` (the demo checkpoint): SD1/SD2 attention only at the half-resolution level, as SDXL
+    does, because self-attention over all 4096 latent cells of a 512x512 image costs ~25x the rest
+    of a tiny UNet's step on a CPU."""
     levels = len(block_out_channels)
     if fam.name == "sdxl":
         # SDXL: level 0 without attention; text_time added embedding (pooled text + 6 Fourier features)
@@ -60,6 +64,8 @@ def tiny_unet_config(fam: ModelFamily, context_dim: int, pooled_dim: int = 0,
     else:
         # SD1/SD2: attention at every level except the last
         down = ("CrossAttnDownBlock2D",) * (levels - 1) + ("DownBlock2D",)
+        if fast:
+            down = ("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (levels - 1)
         extra = {}
     up = tuple("CrossAttnUpBlock2D" if d.startswith("CrossAttn") else "UpBlock2D" for d in reversed(down))
     linear = fam.name != "sd1"
@@ -87,7 +93,7 @@ def perturb_(module: torch.nn.Module, generator: torch.Generator, scale: float =
 
 
 def tiny_components(family: str = "sd1", seed: int = 0, inpaint: bool = False,
-                    prediction: Prediction = "eps", vae_levels: int = 2) -> TinyComponents:
+                    prediction: Prediction = "eps", vae_levels: int = 2, fast: bool = False) -> TinyComponents:
     """Seeded tiny SD1 / SD2 / SDXL components (fp32, CPU, eval mode)."""
     fam = make_family(family, inpaint=inpaint, prediction=prediction)
     gen = torch.Generator().manual_seed(seed)
@@ -104,7 +110,7 @@ def tiny_components(family: str = "sd1", seed: int = 0, inpaint: bool = False,
     else:
         encoders = {"l": CLIPTextModel(clip_config("l", 32))}
         context_dim, pooled_dim = 32, 0
-    unet = UNet2DConditionModel(**tiny_unet_config(fam, context_dim, pooled_dim))
+    unet = UNet2DConditionModel(**tiny_unet_config(fam, context_dim, pooled_dim, fast=fast))
     vae = AutoencoderKL(**tiny_vae_config(vae_levels, scaling_factor=fam.latent_scale_factor))
     for m in (unet, vae, *encoders.values()):
         perturb_(m, gen)
@@ -174,7 +180,7 @@ def ensure_demo_checkpoint(folder: str | os.PathLike[str], family: str = "sd1", 
         raise ValueError(f"no demo checkpoint for family {family!r}; expected one of {sorted(DEMO_NAMES)}")
     path = Path(folder) / DEMO_NAMES[family]
     if not path.is_file():
-        comps = tiny_components(family, seed=seed, vae_levels=4)
+        comps = tiny_components(family, seed=seed, vae_levels=4, fast=True)
         write_ldm_checkpoint(comps, path, metadata={"easel_demo": f"tiny random {family}, seed {seed}"})
     return path
 

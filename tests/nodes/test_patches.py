@@ -19,6 +19,7 @@ from nodes.folders import ModelFolders, use_folders
 
 torch.set_num_threads(2)
 Q = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_q"
+QD = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_q"   # the demo checkpoint's first attention (64 wide)
 TE = "text_model.encoder.layers.0.self_attn.q_proj"
 
 
@@ -126,8 +127,8 @@ def test_strength_changes_rerun_only_the_side_they_touch(tmp_path):
     loras = folders.dirs("loras")[0]
     loras.mkdir(parents=True)
     g = torch.Generator().manual_seed(9)
-    save_file({f"lora_unet_{Q.replace('.', '_')}.lora_down.weight": torch.randn(2, 32, generator=g),
-               f"lora_unet_{Q.replace('.', '_')}.lora_up.weight": torch.randn(32, 2, generator=g),
+    save_file({f"lora_unet_{QD.replace('.', '_')}.lora_down.weight": torch.randn(2, 64, generator=g),
+               f"lora_unet_{QD.replace('.', '_')}.lora_up.weight": torch.randn(64, 2, generator=g),
                f"lora_te_{TE.replace('.', '_')}.lora_down.weight": torch.randn(2, 32, generator=g),
                f"lora_te_{TE.replace('.', '_')}.lora_up.weight": torch.randn(32, 2, generator=g)},
               str(loras / "l.safetensors"))
