@@ -208,7 +208,8 @@ def _ode_error(name: str, steps: int, table: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("name,min_ratio", [("uni_pc", 4.0), ("uni_pc_bh2", 4.0), ("heunpp2", 1.6),
-                                            ("dpmpp_2m", 2.5), ("euler", 1.6)])
+                                            ("dpmpp_2m", 2.5), ("euler", 1.6),
+                                            ("ipndm", 3.0)])
 def test_deterministic_samplers_converge(table: torch.Tensor, name: str, min_ratio: float) -> None:
     """Error to the exact ODE solution shrinks with the method's order when steps double."""
     e10, e20, e40 = (_ode_error(name, n, table) for n in (10, 20, 40))
@@ -303,7 +304,18 @@ def test_callback_every_step_and_names() -> None:
     assert seen == [0, 1, 2, 3, 4]
     with pytest.raises(ValueError, match="unknown sampler 'euler_magic'"):
         S.get_sampler("euler_magic")
-    for name in ("euler", "euler_ancestral", "heun", "heunpp2", "dpm_2", "dpm_2_ancestral", "lms",
+    for name in ("euler", "euler_ancestral", "heun", "heunpp2", "dpm_2", "dpm_2_ancestral", "lms", "ipndm",
                  "dpm_fast", "dpm_adaptive", "dpmpp_2s_ancestral", "dpmpp_sde", "dpmpp_2m",
                  "dpmpp_2m_sde", "dpmpp_3m_sde", "ddpm", "lcm", "ddim", "uni_pc", "uni_pc_bh2"):
         assert name in S.SAMPLERS
+
+
+def test_ipndm_first_steps_are_euler_then_ab2() -> None:
+    """Step 1 is Euler; step 2 uses (3 d_1 - d_0) / 2 (equal-step Adams-Bashforth 2)."""
+    sigmas = torch.tensor([8.0, 4.0, 2.0], dtype=torch.float64)
+    x = torch.tensor([5.0], dtype=torch.float64)
+    d0 = (x - toy(x, sigmas[:1])) / 8.0
+    x1 = x + d0 * -4.0
+    d1 = (x1 - toy(x1, sigmas[1:2])) / 4.0
+    expected = x1 + (1.5 * d1 - 0.5 * d0) * -2.0
+    assert torch.allclose(S.sample_ipndm(toy, x, sigmas), expected, atol=1e-12)
