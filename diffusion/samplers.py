@@ -840,8 +840,8 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "dpmpp_3m_sde": sample_dpmpp_3m_sde,
     "dpmpp_3m_sde_gpu": _variant(sample_dpmpp_3m_sde, cpu_tree=False),
     "ddpm": sample_ddpm,
-    "ipndm": sample_ipndm,
     "lcm": sample_lcm,
+    "ipndm": sample_ipndm,
     "ddim": sample_euler,          # ComfyUI: Euler, plus "random" inpaint noise (diffusion.sample)
     "uni_pc": sample_uni_pc,
     "uni_pc_bh2": sample_uni_pc_bh2,
