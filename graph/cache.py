@@ -9,12 +9,12 @@ from __future__ import annotations
 import sys
 from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 
-@dataclass(frozen=True)
-class CacheEntry:
+class CacheEntry(NamedTuple):
+    """One node's outputs (a NamedTuple: one is built per executed node, so it must be cheap)."""
+
     outputs: tuple[list[Any], ...]   # one list of items per output slot (lists fan out downstream)
     output_sigs: tuple[str, ...]     # the signature each output passes to its consumers
     ui: dict[str, Any] | None        # what an output node reported

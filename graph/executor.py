@@ -449,10 +449,14 @@ class _Run:
             if spec.input_is_list:
                 calls = [dict(inputs, **hidden)]
             else:
-                count = max((len(v) for v in inputs.values()), default=1)
-                if any(len(v) == 0 for v in inputs.values()):
-                    count = 0
-                calls = [{k: v[min(i, len(v) - 1)] for k, v in inputs.items()} | hidden for i in range(count)]
+                lengths = [len(v) for v in inputs.values()]
+                if all(n == 1 for n in lengths):        # the common case: one call, one item each
+                    calls = [{k: v[0] for k, v in inputs.items()}]
+                    if hidden:
+                        calls[0].update(hidden)
+                else:
+                    count = 0 if 0 in lengths else max(lengths, default=1)
+                    calls = [{k: v[min(i, len(v) - 1)] for k, v in inputs.items()} | hidden for i in range(count)]
             for kwargs in calls:
                 result = self.call(node_id, spec, fn, kwargs, spec.function)
                 if isinstance(result, dict) and result.get("expand") is not None:
@@ -474,7 +478,7 @@ class _Run:
         finally:
             CURRENT_RUNTIME.reset(token)
         out_sigs = tuple(_output_sig(sig, slot, outputs[slot]) for slot in range(n_out))
-        if out_sigs != tuple(f"{sig}:{slot}" for slot in range(n_out)):
+        if any(o.startswith("fp:") for o in out_sigs):
             self.diverged.add(node_id)
         self.out_sigs[node_id] = out_sigs
         entry = self.cache.put(sig, outputs, out_sigs, ui)
