@@ -663,6 +663,119 @@ def sample_ipndm(model: Model, x: Tensor, sigmas: Tensor, extra_args: dict | Non
     return x
 
 
+def ipndm_v_coefficients(sig: Sequence[float], i: int, order: int) -> tuple[float, ...]:
+    """ComfyUI's (zju-pi diff-solvers) variable-step iPNDM coefficients for step i, newest first.
+    h_n = sigma_{i+1} - sigma_i and h_{n-k} the previous step sizes. Orders 2 and 3 are the
+    variable-step Adams-Bashforth weights; order 4 keeps the upstream formula as it is (on equal
+    steps it gives (57, -65, 43, -11) / 24, not AB4's (55, -59, 37, -9) / 24, and on unequal
+    steps its weights do not sum to 1)."""
+    h = sig[i + 1] - sig[i]
+    h1 = sig[i] - sig[i - 1]
+    if order == 2:
+        return (2 + h / h1) / 2, -(h / h1) / 2
+    h2 = sig[i - 1] - sig[i - 2]
+    t1 = (1 - h / (3 * (h + h1)) * (h * (h + h1)) / (h1 * (h1 + h2))) / 2
+    if order == 3:
+        return (2 + h / h1) / 2 + t1, -(h / h1) / 2 - (1 + h1 / h2) * t1, t1 * h1 / h2
+    h3 = sig[i - 2] - sig[i - 3]
+    t2 = (((1 - h / (3 * (h + h1))) / 2 + (1 - h / (2 * (h + h1))) * h / (6 * (h + h1 + h2)))
+          * (h * (h + h1) * (h + h1 + h2)) / (h1 * (h1 + h2) * (h1 + h2 + h3)))
+    q = h1 * (h1 + h2) / (h2 * (h2 + h3))
+    return ((2 + h / h1) / 2 + t1 + t2,
+            -(h / h1) / 2 - (1 + h1 / h2) * t1 - (1 + h1 / h2 + q) * t2,
+            t1 * h1 / h2 + (h1 / h2 + q * (1 + h2 / h3)) * t2,
+            -t2 * q * h1 / h2)
+
+
+@torch.no_grad()
+def sample_ipndm_v(model: Model, x: Tensor, sigmas: Tensor, extra_args: dict | None = None,
+                   callback: Callback = None, disable: bool | None = None, max_order: int = 4) -> Tensor:
+    """iPNDM with coefficients from the actual sigma spacing (ipndm_v_coefficients)."""
+    if not 1 <= max_order <= 4:
+        raise ValueError(f"ipndm_v: max_order must be 1..4, got {max_order}")
+    sig, args, _, s_in = _setup(x, sigmas, extra_args)
+    history: list[Tensor] = []
+    for i in range(len(sig) - 1):
+        denoised = model(x, sig[i] * s_in, **args)
+        if callback is not None:
+            callback(_info(x, i, sig[i], denoised))
+        d = to_d(x, sig[i], denoised)
+        order = min(max_order, i + 1)
+        if sig[i + 1] == 0:
+            x = denoised
+        elif order == 1:
+            x = x + d * (sig[i + 1] - sig[i])
+        else:
+            c = ipndm_v_coefficients(sig, i, order)
+            slope = d * c[0]
+            for ck, dk in zip(c[1:], reversed(history)):
+                slope = slope + dk * ck
+            x = x + slope * (sig[i + 1] - sig[i])
+        history = (history + [d])[-(max_order - 1):] if max_order > 1 else []
+    return x
+
+
+def deis_coefficients(sig: Sequence[float], max_order: int, n: int = 10000) -> list[list[float]]:
+    """DEIS "tab" coefficients (ComfyUI / zju-pi): sigmas mapped to the time t of a VP SDE fitted to
+    EDM's range (sigma_min 0.002, sigma_max 80, eps_s 1e-3); for step i of order p the weights are
+    sum over n points tau of linspace(t_i, t_{i+1}) of dsigma/dtau(tau) * L_j(tau) * (t_{i+1} - t_i)/n,
+    L_j the Lagrange basis on t_i, ..., t_{i-p+1}, dsigma/dtau = -0.5 dlog(a)/dtau / sqrt(a (1 - a)),
+    a(tau) = exp(-0.5 tau^2 (beta_1 - beta_0) - tau beta_0)."""
+    eps_s, smin, smax = 1e-3, 0.002, 80.0
+    beta_d = 2 * (math.log(smin ** 2 + 1) / eps_s - math.log(smax ** 2 + 1)) / (eps_s - 1)
+    beta_0 = math.log(smax ** 2 + 1) - 0.5 * beta_d
+    beta_1 = beta_d + beta_0
+    s = np.asarray(sig, dtype=np.float64)
+    t = (np.sqrt(beta_0 ** 2 + 2 * beta_d * np.log(s ** 2 + 1)) - beta_0) / beta_d
+    out: list[list[float]] = []
+    for i in range(len(t) - 1):
+        order = min(i + 1, max_order)
+        if order == 1:
+            out.append([])
+            continue
+        taus = np.linspace(t[i], t[i + 1], n)
+        dtau = (t[i + 1] - t[i]) / n
+        a = np.exp(-0.5 * taus ** 2 * (beta_1 - beta_0) - taus * beta_0)
+        integrand = -0.5 * (-taus * (beta_1 - beta_0) - beta_0) / np.sqrt(a * (1 - a))
+        nodes = [t[i - k] for k in range(order)]
+        row = []
+        for j in range(order):
+            poly = np.ones_like(taus)
+            for k in range(order):
+                if k != j:
+                    poly = poly * (taus - nodes[k]) / (nodes[j] - nodes[k])
+            row.append(float(np.sum(integrand * poly) * dtau))
+        out.append(row)
+    return out
+
+
+@torch.no_grad()
+def sample_deis(model: Model, x: Tensor, sigmas: Tensor, extra_args: dict | None = None,
+                callback: Callback = None, disable: bool | None = None, max_order: int = 3) -> Tensor:
+    """DEIS (tab): exponential-integrator multistep with precomputed weights (deis_coefficients);
+    Euler on the first step and on the step to sigma = 0."""
+    if not 1 <= max_order <= 4:
+        raise ValueError(f"deis: max_order must be 1..4, got {max_order}")
+    sig, args, _, s_in = _setup(x, sigmas, extra_args)
+    coeffs = deis_coefficients(sig, max_order)
+    history: list[Tensor] = []
+    for i in range(len(sig) - 1):
+        denoised = model(x, sig[i] * s_in, **args)
+        if callback is not None:
+            callback(_info(x, i, sig[i], denoised))
+        d = to_d(x, sig[i], denoised)
+        order = 1 if sig[i + 1] <= 0 else min(max_order, i + 1)
+        if order == 1:
+            x = x + d * (sig[i + 1] - sig[i])
+        else:
+            c = coeffs[i]
+            x = x + d * c[0]
+            for ck, dk in zip(c[1:order], reversed(history)):
+                x = x + dk * ck
+        history = (history + [d])[-(max_order - 1):] if max_order > 1 else []
+    return x
+
+
 # --- DDPM, LCM (ComfyUI) ----------------------------------------------------------------------
 
 
@@ -842,6 +955,8 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "ddpm": sample_ddpm,
     "lcm": sample_lcm,
     "ipndm": sample_ipndm,
+    "ipndm_v": sample_ipndm_v,
+    "deis": sample_deis,
     "ddim": sample_euler,          # ComfyUI: Euler, plus "random" inpaint noise (diffusion.sample)
     "uni_pc": sample_uni_pc,
     "uni_pc_bh2": sample_uni_pc_bh2,

@@ -209,7 +209,7 @@ def _ode_error(name: str, steps: int, table: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("name,min_ratio", [("uni_pc", 4.0), ("uni_pc_bh2", 4.0), ("heunpp2", 1.6),
                                             ("dpmpp_2m", 2.5), ("euler", 1.6),
-                                            ("ipndm", 3.0)])
+                                            ("ipndm", 3.0), ("deis", 3.0)])
 def test_deterministic_samplers_converge(table: torch.Tensor, name: str, min_ratio: float) -> None:
     """Error to the exact ODE solution shrinks with the method's order when steps double."""
     e10, e20, e40 = (_ode_error(name, n, table) for n in (10, 20, 40))
@@ -304,7 +304,7 @@ def test_callback_every_step_and_names() -> None:
     assert seen == [0, 1, 2, 3, 4]
     with pytest.raises(ValueError, match="unknown sampler 'euler_magic'"):
         S.get_sampler("euler_magic")
-    for name in ("euler", "euler_ancestral", "heun", "heunpp2", "dpm_2", "dpm_2_ancestral", "lms", "ipndm",
+    for name in ("euler", "euler_ancestral", "heun", "heunpp2", "dpm_2", "dpm_2_ancestral", "lms", "ipndm", "ipndm_v", "deis",
                  "dpm_fast", "dpm_adaptive", "dpmpp_2s_ancestral", "dpmpp_sde", "dpmpp_2m",
                  "dpmpp_2m_sde", "dpmpp_3m_sde", "ddpm", "lcm", "ddim", "uni_pc", "uni_pc_bh2"):
         assert name in S.SAMPLERS
@@ -319,3 +319,31 @@ def test_ipndm_first_steps_are_euler_then_ab2() -> None:
     d1 = (x1 - toy(x1, sigmas[1:2])) / 4.0
     expected = x1 + (1.5 * d1 - 0.5 * d0) * -2.0
     assert torch.allclose(S.sample_ipndm(toy, x, sigmas), expected, atol=1e-12)
+
+
+def test_ipndm_v_coefficients() -> None:
+    """Orders 2-3 are consistent (weights sum to 1) for any step sizes; equal steps give AB2/AB3 and
+    upstream's order-4 weights (which sum to 1 only for equal steps, as upstream's do)."""
+    g = torch.Generator().manual_seed(0)
+    sig = sorted((torch.rand(6, generator=g, dtype=torch.float64) * 10 + 0.1).tolist(), reverse=True)
+    for order, i in [(2, 1), (3, 2), (3, 4)]:
+        assert sum(S.ipndm_v_coefficients(sig, i, order)) == pytest.approx(1.0, abs=1e-12)
+    uniform = [6.0, 5.0, 4.0, 3.0, 2.0, 1.0]
+    assert [c * 12 for c in S.ipndm_v_coefficients(uniform, 2, 3)] == pytest.approx([23, -16, 5])
+    assert [c * 24 for c in S.ipndm_v_coefficients(uniform, 3, 4)] == pytest.approx([57, -65, 43, -11])
+    x = start_x(10.0)
+    lin = torch.linspace(10, 1, 8, dtype=torch.float64)
+    for order in (2, 3):      # equal steps: the same as ipndm
+        assert torch.allclose(S.sample_ipndm_v(gauss_denoiser, x, lin, max_order=order),
+                              S.sample_ipndm(gauss_denoiser, x, lin, max_order=order), atol=1e-12)
+    assert _ode_error("ipndm_v", 40, sch.default_sigma_table(torch.float64)) < 1e-3
+
+
+def test_deis_coefficients_integrate_dsigma() -> None:
+    """The Lagrange weights sum to 1, so each step's coefficients sum to sigma_{i+1} - sigma_i."""
+    sig = sch.calculate_sigmas(sch.default_sigma_table(torch.float64), "karras", 12).tolist()
+    coeffs = S.deis_coefficients(sig[:-1], 3)
+    assert coeffs[0] == []
+    for i in range(1, len(coeffs)):
+        assert len(coeffs[i]) == min(i + 1, 3)
+        assert sum(coeffs[i]) == pytest.approx(sig[i + 1] - sig[i], rel=2e-3)
