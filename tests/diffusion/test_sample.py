@@ -3,7 +3,6 @@ seeds, CFG batching, conditioning ranges and areas, SDXL size conditioning, mask
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
