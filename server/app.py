@@ -210,6 +210,8 @@ def serve(args: argparse.Namespace) -> int:
     from nodes.environment import configure_devices
     configure_devices(cpu=settings.cpu, lowvram=settings.lowvram)
     ray_address = getattr(args, "ray", None)
+    if getattr(args, "workers", None) and not ray_address:
+        log.warning("--workers is read with --ray only; running in-process")
     pool = None
     if ray_address:
         pool = ray_pool(settings, ray_address, getattr(args, "workers", None))
@@ -238,7 +240,8 @@ def ray_pool(settings: Settings, address: str, workers: int | None) -> PoolFacto
     log.info("Ray: %d worker(s), %s GPU and %s CPU each", plan.count, plan.gpus_per_worker, plan.cpus_per_worker)
 
     def factory(folders: ModelFolders) -> tuple[Sequence[Backend], Callable[[int], Backend] | None]:
-        config = ray_backend.worker_config(settings, folders, shared_output=local)
+        threads = max(1, int(plan.cpus_per_worker)) if not plan.gpus_per_worker else None
+        config = ray_backend.worker_config(settings, folders, shared_output=local, threads=threads)
         ray_pool = ray_backend.RayPool(config, plan, folders)
         return ray_pool.start_all(), ray_pool.make
     return factory

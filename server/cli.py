@@ -217,6 +217,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_folder_options(serve)
     serve.add_argument("--cpu", action="store_true")
     serve.add_argument("--lowvram", action="store_true")
+    serve.add_argument("--ray", default=None, metavar="auto|ADDRESS",
+                       help="run prompts on Ray workers: 'auto' joins the running cluster or starts a local one, "
+                            "ADDRESS joins that cluster (needs easel[ray])")
+    serve.add_argument("--workers", type=int, default=None, metavar="N",
+                       help="with --ray: N CPU workers instead of one worker per GPU")
     serve.set_defaults(func=cmd_serve)
 
     imp = sub.add_parser("import-a1111", help="print the API workflow equivalent to an A1111 PNG")
