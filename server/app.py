@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -228,20 +229,21 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def ray_pool(settings: Settings, address: str, workers: int | None) -> PoolFactory:
-    """`--ray ADDRESS|auto [--workers N]`: join or start the cluster; the pool factory for create_app.
-    A cluster this process started shares the server's output folder with its workers; on a
-    cluster of other machines the workers send their files back (server/ray_backend.py)."""
+    """`--ray ADDRESS|auto|local [--workers N]`: join or start the cluster; the pool factory for
+    create_app. Workers send their output files back to the server's folders, unless
+    EASEL_RAY_SHARED_OUTPUT=1 says every worker writes to the server's output path directly."""
     try:
         from . import ray_backend
     except ImportError as exc:
         raise SystemExit(f"--ray needs the ray package (pip install 'easel[ray]'): {exc}") from exc
-    local = ray_backend.connect(address)
+    ray_backend.connect(address)
+    shared = os.environ.get("EASEL_RAY_SHARED_OUTPUT", "") not in ("", "0")
     plan = ray_backend.plan_pool(workers)
     log.info("Ray: %d worker(s), %s GPU and %s CPU each", plan.count, plan.gpus_per_worker, plan.cpus_per_worker)
 
     def factory(folders: ModelFolders) -> tuple[Sequence[Backend], Callable[[int], Backend] | None]:
         threads = max(1, int(plan.cpus_per_worker)) if not plan.gpus_per_worker else None
-        config = ray_backend.worker_config(settings, folders, shared_output=local, threads=threads)
+        config = ray_backend.worker_config(settings, folders, shared_output=shared, threads=threads)
         ray_pool = ray_backend.RayPool(config, plan, folders)
         return ray_pool.start_all(), ray_pool.make
     return factory

@@ -9,11 +9,14 @@ the result once the run ended. Every poll is also the heartbeat: an actor that d
 within `heartbeat` seconds (a frozen process, a hung driver call holding the GIL) is killed and
 reported as `WorkerLost`, like one that died (`RayActorError`).
 
-Output files: with a shared output folder (`shared_output`, the default for a local cluster) the
-actors write straight into the server's output/temp folders. Otherwise an actor writes to folders
-of its own and attaches the bytes of each file an `executed` event names; the server writes them
-into its folders (another name when one is taken: the event and the history entry then carry it)
-before the event goes on, so `/view` serves a file as soon as a client hears of it.
+Output files: an actor writes to folders of its own and attaches the bytes of each file an
+`executed` event names (then deletes its copy); the server writes them into its output/temp
+folders before the event goes on, so `/view` serves a file as soon as a client hears of it. A name
+that is taken gets the next free counter (`ComfyUI_00007_.png`), and the event and the history
+entry carry the new name: two workers never overwrite each other's pictures. With a shared folder
+(`shared_output`, EASEL_RAY_SHARED_OUTPUT=1 for `easel serve`: a path every worker machine
+mounts at the server's output path) the actors write there directly and nothing travels; their
+SaveImage counters may then race, so give concurrent prompts distinct filename prefixes.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import importlib
 import logging
 import os
 import pickle
+import re
 import socket
 import tempfile
 import threading
@@ -174,6 +178,7 @@ class EaselActor:
             try:
                 out.append((str(item.get("type", "output")), str(item.get("subfolder") or ""),
                               str(item["filename"]), path.read_bytes()))
+                path.unlink()                        # the server keeps the file; this disk does not grow
             except OSError:
                 log.warning("worker %s: output file %s could not be read", self.name, path)
         return out
@@ -209,17 +214,37 @@ def place_file(folders: ModelFolders, kind: str, subfolder: str, filename: str, 
     if target_dir != root and root not in target_dir.parents:
         raise ValueError(f"output file {subfolder}/{filename}: subfolder leaves the {kind} folder")
     target_dir.mkdir(parents=True, exist_ok=True)
-    stem, dot, ext = filename.rpartition(".")
-    stem, ext = (stem, dot + ext) if dot else (filename, "")
-    name, n = filename, 0
-    while True:
+    name = filename
+    for _ in range(10_000):
         try:
             with open(target_dir / name, "xb") as handle:     # never overwrite another worker's file
                 handle.write(data)
             return name
         except FileExistsError:
-            n += 1
-            name = f"{stem}_{n}{ext}"
+            name = _next_name(target_dir, filename)
+    raise FileExistsError(f"no free name for {filename} in {target_dir}")
+
+
+_COUNTED = re.compile(r"^(?P<base>.*)_(?P<n>\d{5,})_(?P<ext>\.[^.]+)$")   # SaveImage: <base>_<00001>_.png
+
+
+def _next_name(folder: Path, filename: str) -> str:
+    """A free name for `filename` in `folder`: the next SaveImage counter, else `<stem>_<n><ext>`."""
+    match = _COUNTED.match(filename)
+    if match:
+        base, ext = match["base"], match["ext"]
+        highest = 0
+        for existing in os.listdir(folder):
+            other = _COUNTED.match(existing)
+            if other and other["base"] == base:
+                highest = max(highest, int(other["n"]))
+        return f"{base}_{highest + 1:05}_{ext}"
+    stem, dot, ext = filename.rpartition(".")
+    stem, ext = (stem, dot + ext) if dot else (filename, "")
+    n = 1
+    while (folder / f"{stem}_{n}{ext}").exists():
+        n += 1
+    return f"{stem}_{n}{ext}"
 
 
 def rename_ui(ui: Any, renames: Mapping[tuple[str, str, str], str]) -> Any:

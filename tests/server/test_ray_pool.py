@@ -258,3 +258,18 @@ async def test_interrupt_reaches_the_actor(two_workers: TestClient) -> None:
     steps = [m["data"]["value"] for m in messages if isinstance(m, dict) and m["type"] == "progress"]
     assert steps and max(steps) < 400
     await ws.close()
+
+
+def test_files_from_two_workers_never_overwrite_each_other(tmp_path: Path) -> None:
+    from nodes.folders import ModelFolders
+    folders = ModelFolders(tmp_path)
+    names = [ray_backend.place_file(folders, "output", "", "ComfyUI_00001_.png", bytes([i])) for i in range(3)]
+    assert names == ["ComfyUI_00001_.png", "ComfyUI_00002_.png", "ComfyUI_00003_.png"]
+    assert [(tmp_path / "output" / n).read_bytes() for n in names] == [b"\x00", b"\x01", b"\x02"]
+    assert ray_backend.place_file(folders, "temp", "sub", "x.png", b"a") == "x.png"
+    assert ray_backend.place_file(folders, "temp", "sub", "x.png", b"b") == "x_1.png"
+    with pytest.raises(ValueError, match="leaves the temp folder"):
+        ray_backend.place_file(folders, "temp", "../..", "evil.png", b"c")
+    ui = {"images": [{"filename": "ComfyUI_00001_.png", "subfolder": "", "type": "output"}], "text": ["t"]}
+    renamed = ray_backend.rename_ui(ui, {("output", "", "ComfyUI_00001_.png"): "ComfyUI_00004_.png"})
+    assert renamed == {"images": [{"filename": "ComfyUI_00004_.png", "subfolder": "", "type": "output"}], "text": ["t"]}
