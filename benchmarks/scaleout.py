@@ -30,13 +30,12 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import ray  # noqa: E402
-from aiohttp.test_utils import TestClient, TestServer  # noqa: E402
+import ray
+from aiohttp.test_utils import TestClient, TestServer
 
-from server import ray_backend  # noqa: E402
-from server.app import create_app  # noqa: E402
-from server.settings import STATE, Settings  # noqa: E402
-
+from server import ray_backend
+from server.app import create_app
+from server.settings import STATE, Settings
 
 SIZE, STEPS = 64, 3     # set from --size / --steps
 
@@ -65,11 +64,11 @@ def settings(base: Path) -> Settings:
     return Settings(base_dir=base, demo_files=True, frontend=False, plugins=False)
 
 
-def ray_pool(st: Settings, workers: int, gpu_share: bool, threads: int = 1) -> Any:
+def ray_pool(st: Settings, workers: int, gpu_share: bool, threads: int = 1, shared: bool = False) -> Any:
     plan = ray_backend.PoolPlan(workers, 1.0 / workers if gpu_share else 0.0, 0.0 if gpu_share else 1.0)
 
     def factory(folders: Any) -> Any:
-        config = ray_backend.worker_config(st, folders, shared_output=True, threads=None if gpu_share else threads)
+        config = ray_backend.worker_config(st, folders, shared_output=shared, threads=None if gpu_share else threads)
         pool = ray_backend.RayPool(config, plan, folders)
         return pool.start_all(), pool.make
     return factory
@@ -103,7 +102,7 @@ async def throughput(workers: int, args: argparse.Namespace) -> list[float]:
     out = []
     with tempfile.TemporaryDirectory() as tmp:
         st = settings(Path(tmp))
-        app = create_app(st, pool=ray_pool(st, workers, args.gpu_share, args.threads))
+        app = create_app(st, pool=ray_pool(st, workers, args.gpu_share, args.threads, args.shared))
         async with TestClient(TestServer(app, host="127.0.0.1")) as client:
             await wait_all(client, [await post(client, txt2img(10_000 + i)) for i in range(workers)])
             for r in range(args.rounds):
@@ -111,6 +110,8 @@ async def throughput(workers: int, args: argparse.Namespace) -> list[float]:
                 ids = [await post(client, txt2img(r * args.prompts + i)) for i in range(args.prompts)]
                 await wait_all(client, ids)
                 out.append(args.prompts / (time.perf_counter() - start) * 60.0)
+            split = [slot.jobs_done for slot in client.app[STATE].worker.slots]
+    print(f"  prompts run per worker: {split}")
     return out
 
 
@@ -160,6 +161,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per CPU worker")
     parser.add_argument("--size", type=int, default=64, help="image width and height")
     parser.add_argument("--steps", type=int, default=3, help="sampling steps")
+    parser.add_argument("--shared", action="store_true",
+                        help="workers write into the server's output folder (else files come back over Ray)")
     parser.add_argument("--gpu-share", action="store_true", help="workers share the machine's one GPU")
     args = parser.parse_args()
     global SIZE, STEPS

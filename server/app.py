@@ -139,7 +139,7 @@ def create_app(settings: Settings, registry: Any = None, pool: PoolFactory | Non
             ensure_demo_files(job.prompt, folders)
 
     st_box: list[ServerState] = []
-    specs = lambda: routes_prompt.spec_table(st_box[0])  # noqa: E731
+    specs = lambda: routes_prompt.spec_table(st_box[0])
     if pool is not None:
         from .scheduler import AFFINITY_WAIT, PoolWorker
         backends, make_backend = pool(folders)

@@ -82,7 +82,7 @@ def _picklable(data: dict[str, Any]) -> dict[str, Any]:
     try:
         pickle.dumps(data)
         return data
-    except Exception:
+    except Exception:  # noqa: BLE001 - anything a plugin put in an event; it travels as its repr
         return {key: (value if _can_pickle(value) else repr(value)) for key, value in data.items()}
 
 
@@ -90,7 +90,7 @@ def _can_pickle(value: Any) -> bool:
     try:
         pickle.dumps(value)
         return True
-    except Exception:
+    except Exception:  # noqa: BLE001 - pickling may raise anything
         return False
 
 

@@ -24,7 +24,6 @@ from graph.executor import Executor, RunResult
 from nodes.folders import ModelFolders, use_folders
 
 from .backends import Backend, InProcessBackend, RunRequest, WorkerLost
-
 from .queue_store import HistoryBook, Job, JobQueue, QueueStore
 from .websocket import Hub, Preview
 
@@ -323,7 +322,7 @@ class Worker:
             result = backend.run(request, events, report=job.report, specs=specs)
         except WorkerLost:
             raise
-        except Exception as exc:   # the executor itself failed: report it like a node error
+        except Exception as exc:   # noqa: BLE001 - the executor itself failed: report it like a node error
             payload: dict[str, Any] = {
                 "prompt_id": job.prompt_id, "node_id": None, "node_type": None, "executed": [],
                 "exception_message": f"{type(exc).__name__}: {exc}", "exception_type": type(exc).__name__,

@@ -15,13 +15,13 @@ from aiohttp.test_utils import TestClient, TestServer
 
 ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'easel[ray]'); the scale-out tests need it")
 
-from server import ray_backend  # noqa: E402
-from server.app import create_app  # noqa: E402
-from server.settings import STATE  # noqa: E402
+from server import ray_backend
+from server.app import create_app
+from server.settings import STATE
 
-from .conftest import follow, make_settings, receive  # noqa: E402
-from .servernodes import image_prompt, slow_prompt  # noqa: E402
-from .test_ray_nodes import make_registry, model_prompt  # noqa: E402
+from .conftest import follow, make_settings, receive
+from .servernodes import image_prompt, slow_prompt
+from .test_ray_nodes import make_registry, model_prompt
 
 REGISTRY = "tests.server.test_ray_nodes:make_registry"
 

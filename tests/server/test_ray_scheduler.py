@@ -100,7 +100,7 @@ async def test_in_process_pool_spreads_checkpoints_with_one_load_each(tmp_path: 
             ids.append((await resp.json())["prompt_id"])
         left, messages = set(ids), []
         while left:
-            kind, data = await receive(ws)
+            _kind, data = await receive(ws)
             messages.append(data)
             if data["type"] == "executing" and data["data"]["node"] is None:
                 left.discard(data["data"]["prompt_id"])
