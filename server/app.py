@@ -231,19 +231,22 @@ def serve(args: argparse.Namespace) -> int:
 def ray_pool(settings: Settings, address: str, workers: int | None) -> PoolFactory:
     """`--ray ADDRESS|auto|local [--workers N]`: join or start the cluster; the pool factory for
     create_app. Workers send their output files back to the server's folders, unless
-    EASEL_RAY_SHARED_OUTPUT=1 says every worker writes to the server's output path directly."""
+    EASEL_RAY_SHARED_OUTPUT=1 says every worker writes to the server's output path directly;
+    EASEL_RAY_HEARTBEAT (seconds, default 30) is how long a worker may not answer before it counts
+    as hung. With --cpu and no --workers: one CPU worker."""
     try:
         from . import ray_backend
     except ImportError as exc:
         raise SystemExit(f"--ray needs the ray package (pip install 'easel[ray]'): {exc}") from exc
     ray_backend.connect(address)
     shared = os.environ.get("EASEL_RAY_SHARED_OUTPUT", "") not in ("", "0")
-    plan = ray_backend.plan_pool(workers)
+    heartbeat = float(os.environ.get("EASEL_RAY_HEARTBEAT") or ray_backend.HEARTBEAT)
+    plan = ray_backend.plan_pool(1 if workers is None and settings.cpu else workers)
     log.info("Ray: %d worker(s), %s GPU and %s CPU each", plan.count, plan.gpus_per_worker, plan.cpus_per_worker)
 
     def factory(folders: ModelFolders) -> tuple[Sequence[Backend], Callable[[int], Backend] | None]:
         threads = max(1, int(plan.cpus_per_worker)) if not plan.gpus_per_worker else None
         config = ray_backend.worker_config(settings, folders, shared_output=shared, threads=threads)
-        ray_pool = ray_backend.RayPool(config, plan, folders)
+        ray_pool = ray_backend.RayPool(config, plan, folders, heartbeat=heartbeat)
         return ray_pool.start_all(), ray_pool.make
     return factory

@@ -293,20 +293,25 @@ class RayBackend:
         self._call(self.actor.start.remote(request), "start", self.heartbeat)
         cursor = 0
         renames: dict[tuple[str, str, str], str] = {}
-        while True:
-            events, done = self._call(self.actor.poll.remote(cursor, self.poll_wait), "a heartbeat poll",
-                                      self.heartbeat + self.poll_wait)
-            for event, data, files in events:
-                if files:
-                    for kind, subfolder, filename, blob in files:
-                        placed = place_file(self.folders, kind, subfolder, filename, blob)
-                        if placed != filename:
-                            renames[(kind, subfolder, filename)] = placed
-                    data = dict(data, output=rename_ui(data.get("output"), renames))
-                sink(event, data)
-            cursor += len(events)
-            if done is not None:
-                break
+        done = None
+        try:
+            while done is None:
+                events, done = self._call(self.actor.poll.remote(cursor, self.poll_wait), "a heartbeat poll",
+                                          self.heartbeat + self.poll_wait)
+                for event, data, files in events:
+                    if files:
+                        for kind, subfolder, filename, blob in files:
+                            placed = place_file(self.folders, kind, subfolder, filename, blob)
+                            if placed != filename:
+                                renames[(kind, subfolder, filename)] = placed
+                        data = dict(data, output=rename_ui(data.get("output"), renames))
+                    sink(event, data)
+                cursor += len(events)
+        except WorkerLost:
+            raise
+        except Exception:
+            self._abandon(cursor)           # e.g. a full disk here: stop the run so the actor is free again
+            raise
         kind, value, held = done
         self._held = held
         if kind == "raised":
@@ -316,6 +321,19 @@ class RayBackend:
         if renames:
             result = replace(result, outputs={nid: rename_ui(ui, renames) for nid, ui in result.outputs.items()})
         return result
+
+    def _abandon(self, cursor: int) -> None:
+        """Interrupt the actor's run and wait (one heartbeat at most) until it ended."""
+        self.interrupt()
+        try:
+            while True:
+                events, done = self._call(self.actor.poll.remote(cursor, self.poll_wait), "a poll", self.heartbeat)
+                cursor += len(events)
+                if done is not None:
+                    self._held = done[2]
+                    return
+        except WorkerLost:
+            log.warning("worker %s was lost while its abandoned run was stopping", self.name)
 
     def interrupt(self) -> None:
         try:
