@@ -1,4 +1,6 @@
-"""The worker thread: takes jobs from the queue one at a time and runs them with the Executor.
+"""The worker thread: takes jobs from the queue one at a time and runs them through a backend
+(server/backends.py: the Executor in this process by default; server/scheduler.py's PoolWorker
+subclasses this for several backends, e.g. Ray actors).
 
 The executor stays off the event loop (a prompt may sample for minutes); its events come back
 through `JobEvents` (the executor's sink), which turns them into websocket messages for the hub
