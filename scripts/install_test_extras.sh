@@ -14,3 +14,5 @@ if ! command -v chromium >/dev/null 2>&1; then
         sudo apt-get update -qq && sudo apt-get install -y -qq chromium chromium-driver >/dev/null
     fi
 fi
+# Ray for the scale-out tests (pinned: the loopback-only local cluster reaches into its internals)
+python -m pip install "ray==2.60.0"
