@@ -132,12 +132,13 @@ def spec_table(st: ServerState) -> SpecTable:
     return cached[1]
 
 
-_DEMO_SEEN: set[frozenset[str]] = set()
+_DEMO_SEEN: set[tuple[str, frozenset[str]]] = set()   # (base folder, names) already handled
 
 
 async def ensure_demo(st: ServerState, prompt: dict[str, Any]) -> None:
     """Create demo model files the prompt names (off the loop; remembered per set of names)."""
-    names = frozenset(v for node in prompt.values() for v in (node.get("inputs") or {}).values() if isinstance(v, str))
+    names = (str(st.folders.base_dir),
+             frozenset(v for node in prompt.values() for v in (node.get("inputs") or {}).values() if isinstance(v, str)))
     if names in _DEMO_SEEN:
         return
     from nodes.environment import ensure_demo_files
@@ -154,8 +155,11 @@ async def ensure_demo(st: ServerState, prompt: dict[str, Any]) -> None:
 # -- /queue, /interrupt, /free ----------------------------------------------------------------------
 @routes.get("/queue")
 async def get_queue(request: web.Request) -> web.Response:
-    running, pending = state(request).queue.snapshot()
-    return web.json_response({"queue_running": [running.queue_item()] if running else [],
+    queue = state(request).queue
+    running, pending = queue.snapshot()
+    # a Ray worker pool runs several jobs at once
+    all_running = queue.running_jobs() if hasattr(queue, "running_jobs") else ([running] if running else [])
+    return web.json_response({"queue_running": [job.queue_item() for job in all_running],
                               "queue_pending": [job.queue_item() for job in pending]})
 
 
