@@ -126,13 +126,50 @@ def check(ckpt: Path, cfg: Path) -> None:
         print(f"check: {part}: {len(a)} tensors identical to diffusers' conversion")
 
 
+def sampler_overhead(ckpt: Path, steps: int, size: int, runs: int) -> None:
+    """KSampler's time per step over one bare UNet forward on the same input (cond + uncond
+    batched, as the CFG wrapper calls it), default dtype of this machine (bf16 on native-bf16 CPUs)."""
+    import torch
+
+    from diffusion.checkpoint import load_checkpoint
+    from diffusion.sample import sample
+
+    torch.set_grad_enabled(False)
+    patcher, clip, _vae = load_checkpoint(ckpt)
+    positive, negative = clip.encode("a photo of a cat"), clip.encode("")
+    latent = {"samples": torch.zeros(1, 4, size // 8, size // 8)}
+    model = patcher.model
+    dtype = next(model.unet.parameters()).dtype
+    x = torch.randn(2, 4, size // 8, size // 8, dtype=dtype)
+    t = torch.tensor([500.0, 500.0])              # float32 timesteps, as DiffusionModel.apply_model passes them
+    context = torch.cat([positive[0][0], negative[0][0]]).to(dtype)
+    sample(patcher, 0, 1, 7.0, "euler", "normal", positive, negative, latent)    # warm-up (kernels, patching)
+    model.unet(x, t, encoder_hidden_states=context, return_dict=False)
+    bare, sampled = [], []
+    for i in range(runs):
+        for which in (("bare", "sample") if i % 2 == 0 else ("sample", "bare")):   # alternate the order
+            start = time.perf_counter()
+            if which == "bare":
+                for _ in range(steps):
+                    model.unet(x, t, encoder_hidden_states=context, return_dict=False)
+                bare.append((time.perf_counter() - start) / steps)
+            else:
+                sample(patcher, 0, steps, 7.0, "euler", "normal", positive, negative, latent)
+                sampled.append((time.perf_counter() - start) / steps)
+    b, k = statistics.median(bare), statistics.median(sampled)
+    print(f"[{dtype}] sampler overhead at {size}x{size}, {steps} euler steps, cfg 7 (batched cond+uncond), "
+          f"medians of {runs}: KSampler step {k:.3f} s, bare UNet forward {b:.3f} s, ratio {k / b:.3f} (target <= 1.03)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dir", type=Path, default=Path(os.environ.get("EASEL_BENCH_DIR", "/tmp/easel-bench")))
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--dtypes", nargs="+", default=["fp32", "fp16"])
+    ap.add_argument("--dtypes", nargs="*", default=["fp32", "fp16"], help="load-time dtypes (none: skip)")
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--child", nargs=2, metavar=("WHICH", "DTYPE"), help=argparse.SUPPRESS)
+    ap.add_argument("--sampler-steps", type=int, default=4, help="steps per sampler-overhead run (0: skip)")
+    ap.add_argument("--sampler-size", type=int, default=512)
     args = ap.parse_args()
     args.dir.mkdir(parents=True, exist_ok=True)
     ckpt, cfg = prepare(args.dir)
@@ -156,6 +193,8 @@ def main() -> None:
               f"ratio {e['load_s'] / d['load_s']:.2f}")
         print(f"[{dtype}] peak RSS   easel {e['peak_growth_mb']:.0f} MiB  diffusers {d['peak_growth_mb']:.0f} MiB  "
               f"ratio {e['peak_growth_mb'] / d['peak_growth_mb']:.2f}")
+    if args.sampler_steps:
+        sampler_overhead(ckpt, args.sampler_steps, args.sampler_size, args.runs)
 
 
 if __name__ == "__main__":
