@@ -730,7 +730,7 @@ def deis_coefficients(sig: Sequence[float], max_order: int, n: int = 10000) -> l
     out: list[list[float]] = []
     for i in range(len(t) - 1):
         order = min(i + 1, max_order)
-        if order == 1:
+        if order == 1 or s[i + 1] <= 0:       # Euler steps (the step to sigma = 0 included)
             out.append([])
             continue
         taus = np.linspace(t[i], t[i + 1], n)
