@@ -42,7 +42,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    comps = tiny_components("sd1", seed=0)
+    comps = tiny_components("sd1", seed=0, fast=True)   # the demo checkpoint's layout
     dm = DiffusionModel(comps.unet, comps.family, "eps")
     model = ModelPatcher(dm, load_device=device)
     g = torch.Generator().manual_seed(0)

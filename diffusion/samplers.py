@@ -15,6 +15,7 @@ torchsde Brownian tree with entropy = seed. `SAMPLERS` maps ComfyUI's names to t
 from __future__ import annotations
 
 import math
+import threading
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -102,9 +103,57 @@ class BrownianTreeNoiseSampler:
         return (w / abs(s1 - s0) ** 0.5).to(self.device, self.dtype)
 
 
-def _tree_sampler(x: Tensor, sig: list[float], seed: int | None, cpu: bool = True) -> NoiseSampler:
+class PrefetchedNoise:
+    """Brownian-tree noise for the steps' (sigma, sigma_next) pairs, computed ahead in a thread.
+
+    A tree query is a few milliseconds of Python; the pairs an SDE sampler asks for at its step
+    ends are known before sampling starts, so a worker thread answers them while the model runs.
+    Other queries (midpoints) are answered directly. Tree values do not depend on query order,
+    so results are identical to querying in the loop; one lock serialises access to the trees."""
+
+    def __init__(self, base: BrownianTreeNoiseSampler, pairs: Sequence[tuple[float, float]]) -> None:
+        self.base = base
+        self.lock = threading.Lock()
+        self.ready: dict[tuple[float, float], threading.Event] = {(float(a), float(b)): threading.Event()
+                                                                   for a, b in pairs}
+        self.values: dict[tuple[float, float], Tensor] = {}
+        self.thread = threading.Thread(target=self._fill, name="easel-brownian-prefetch", daemon=True)
+        self.thread.start()
+
+    def _fill(self) -> None:
+        for key, event in self.ready.items():
+            try:
+                with self.lock:
+                    self.values[key] = self.base(*key)
+            finally:
+                event.set()
+
+    def __call__(self, sigma: float, sigma_next: float) -> Tensor:
+        key = (float(sigma), float(sigma_next))
+        event = self.ready.get(key)
+        if event is not None:
+            event.wait()
+            value = self.values.pop(key, None)
+            if value is not None:
+                return value
+        with self.lock:
+            return self.base(*key)
+
+
+def _tree_sampler(x: Tensor, sig: list[float], seed: int | None, cpu: bool = True,
+                  midpoint_r: float | None = None) -> NoiseSampler:
+    """Brownian-tree noise with the step-end pairs (and, for two-stage samplers, the pairs to the
+    log-sigma midpoint at fraction `midpoint_r`, computed exactly as the sampler does) prefetched."""
     positive = [s for s in sig if s > 0]
-    return BrownianTreeNoiseSampler(x, min(positive), max(sig), seed=seed, cpu=cpu)
+    tree = BrownianTreeNoiseSampler(x, min(positive), max(sig), seed=seed, cpu=cpu)
+    pairs: list[tuple[float, float]] = []
+    for a, b in zip(sig[:-1], sig[1:]):
+        if b > 0:
+            if midpoint_r is not None:
+                t, t_next = -math.log(a), -math.log(b)
+                pairs.append((a, math.exp(-(t + (t_next - t) * midpoint_r))))
+            pairs.append((a, b))
+    return PrefetchedNoise(tree, pairs)
 
 
 def _info(x: Tensor, i: int, sigma: float, denoised: Tensor, sigma_hat: float | None = None) -> dict:
@@ -502,7 +551,7 @@ def sample_dpmpp_sde(model: Model, x: Tensor, sigmas: Tensor, extra_args: dict |
                      r: float = 0.5, cpu_tree: bool = True) -> Tensor:
     """DPM-Solver++ (stochastic): two model calls per step, Brownian-tree noise."""
     sig, args, seed, s_in = _setup(x, sigmas, extra_args)
-    noise_sampler = noise_sampler or _tree_sampler(x, sig, seed, cpu_tree)
+    noise_sampler = noise_sampler or _tree_sampler(x, sig, seed, cpu_tree, midpoint_r=r)
     fac = 1 / (2 * r)
     for i in range(len(sig) - 1):
         denoised = model(x, sig[i] * s_in, **args)

@@ -347,3 +347,27 @@ def test_deis_coefficients_integrate_dsigma() -> None:
     for i in range(1, len(coeffs)):
         assert len(coeffs[i]) == min(i + 1, 3)
         assert sum(coeffs[i]) == pytest.approx(sig[i + 1] - sig[i], rel=2e-3)
+
+
+def test_prefetched_brownian_noise_equals_queries_in_order() -> None:
+    """The SDE samplers' step-end noise is computed ahead in a thread: same values as asking the
+    tree step by step, midpoint queries in between included."""
+    x = torch.zeros(2, 4, 8, 8)
+    sig = [14.6, 7.0, 3.0, 1.0, 0.3, 0.0]
+    plain = S.BrownianTreeNoiseSampler(x, 0.3, 14.6, seed=7)
+    ahead = S._tree_sampler(x, sig, 7)
+    for a, b in zip(sig[:-1], sig[1:]):
+        if b > 0:
+            mid = (a * b) ** 0.5
+            assert torch.equal(ahead(a, mid), plain(a, mid))
+            assert torch.equal(ahead(a, b), plain(a, b))
+
+
+def test_sde_sampler_repeats_with_prefetched_noise() -> None:
+    def model(x: torch.Tensor, sigma: torch.Tensor, **kw: object) -> torch.Tensor:
+        return x * 0.5
+    sigmas = sch.karras(8, 0.03, 14.6)
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1)) * 14.6
+    outs = [S.SAMPLERS["dpmpp_2m_sde"](model, x.clone(), sigmas, extra_args={"seed": 3}, disable=True)
+            for _ in range(2)]
+    assert torch.equal(outs[0], outs[1])
