@@ -328,12 +328,21 @@ def lms_coefficient(order: int, t: Sequence[float], i: int, j: int) -> float:
     t_i, ..., t_{i-order+1}; exact (polynomial integration in float64)."""
     if order - 1 > i:
         raise ValueError(f"lms: order {order} too high for step {i}")
-    poly = np.polynomial.Polynomial([1.0])
+    coef = [1.0]                                   # ascending powers of the basis polynomial
     for k in range(order):
-        if k != j:
-            poly = poly * np.polynomial.Polynomial([-t[i - k], 1.0]) / (t[i - j] - t[i - k])
-    antideriv = poly.integ()
-    return float(antideriv(t[i + 1]) - antideriv(t[i]))
+        if k == j:
+            continue
+        root, scale = float(t[i - k]), 1.0 / (float(t[i - j]) - float(t[i - k]))
+        nxt = [0.0] * (len(coef) + 1)              # (p(x) * (x - root)) * scale
+        for n, c in enumerate(coef):
+            nxt[n + 1] += c * scale
+            nxt[n] -= c * root * scale
+        coef = nxt
+
+    def antideriv(x: float) -> float:
+        return sum(c * x ** (n + 1) / (n + 1) for n, c in enumerate(coef))
+
+    return antideriv(float(t[i + 1])) - antideriv(float(t[i]))
 
 
 @torch.no_grad()
@@ -354,8 +363,10 @@ def sample_lms(model: Model, x: Tensor, sigmas: Tensor, extra_args: dict | None 
         if len(ds) > order:
             ds.pop(0)
         cur = min(i + 1, order)
+        update = torch.zeros_like(x)
         for j, d in enumerate(reversed(ds)):
-            x = x + d * lms_coefficient(cur, sig, i, j)
+            update.add_(d, alpha=lms_coefficient(cur, sig, i, j))
+        x = x + update
     return x
 
 

@@ -3,6 +3,7 @@ of samplers.md section 8.3, and convergence / distribution checks for ComfyUI-on
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -371,3 +372,23 @@ def test_sde_sampler_repeats_with_prefetched_noise() -> None:
     outs = [S.SAMPLERS["dpmpp_2m_sde"](model, x.clone(), sigmas, extra_args={"seed": 3}, disable=True)
             for _ in range(2)]
     assert torch.equal(outs[0], outs[1])
+
+
+def test_lms_coefficient_matches_numerical_integral_of_lagrange_basis() -> None:
+    from scipy import integrate
+
+    rng = random.Random(0)
+    for _ in range(20):
+        t = sorted((rng.uniform(0.03, 15.0) for _ in range(6)), reverse=True)
+        for order in (1, 2, 3, 4):
+            for j in range(order):
+                def basis(tau: float, j: int = j, order: int = order) -> float:
+                    p = 1.0
+                    for k in range(order):
+                        if k != j:
+                            p *= (tau - t[4 - k]) / (t[4 - j] - t[4 - k])
+                    return p
+                expected = integrate.quad(basis, t[4], t[5], epsrel=1e-12)[0]
+                assert S.lms_coefficient(order, t, 4, j) == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    with pytest.raises(ValueError, match="order 4 too high"):
+        S.lms_coefficient(4, [3.0, 2.0, 1.0], 1, 0)
