@@ -1,4 +1,4 @@
-"""LoRA patching on a full-size SD1.5-architecture model (random weights, fp32, CPU).
+"""LoRA patching on a full-size SD1.5-architecture model (random weights, fp32 or --dtype, CPU).
 
 Builds the SD1.5 UNet (diffusers config of the real model) and the CLIP-L text encoder with random
 weights, writes a rank-16 kohya LoRA (every Linear / 1x1 conv of the UNet transformer blocks + the
@@ -6,13 +6,14 @@ text encoder's attention and MLP) and a rank-16 LoCon (the same plus every 3x3 c
 and samplers), then times, as medians of several runs:
   first patch   load_lora (read + resolve, caches emptied) + patch_model of UNet and text encoder
   unpatch       unpatch_model of both
-  re-patch (cold) the same strength change when the model was unpatched after sampling
   re-patch      load_lora with a new strength_model (file cached) + patch_model of the UNet, starting
-                from the model patched at the old strength (what a strength change costs)
+                from the model patched at the old strength (what a strength change costs: the
+                sampler leaves the model patched after its run)
+  re-patch (cold) the same strength change after an explicit unpatch_model (e.g. /free)
 and the peak extra RSS of the first patch (VmHWM reset through /proc/self/clear_refs) against the size
 of the weights it patches. Targets: re-patch <= 25% of first patch; peak extra RSS <= 1.2x.
 
-    python benchmarks/lora.py [--runs 5] [--only lora|locon] [--cache-lowrank]
+    python benchmarks/lora.py [--runs 5] [--only lora|locon] [--cache-lowrank] [--dtype fp32|bf16|fp16]
 """
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ from diffusion.model import DiffusionModel  # noqa: E402
 from diffusion.patcher import ModelPatcher  # noqa: E402
 
 LINEAR_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TE_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 
 
@@ -69,7 +71,7 @@ def random_fill(module: torch.nn.Module, seed: int) -> None:
         p.normal_(0.0, 0.02, generator=g)
 
 
-def build_sd15() -> tuple[ModelPatcher, CLIP]:
+def build_sd15(dtype: torch.dtype = torch.float32) -> tuple[ModelPatcher, CLIP]:
     with torch.device("meta"):
         unet = UNet2DConditionModel(sample_size=64, block_out_channels=(320, 640, 1280, 1280),
                                     cross_attention_dim=768, attention_head_dim=8, layers_per_block=2)
@@ -80,6 +82,7 @@ def build_sd15() -> tuple[ModelPatcher, CLIP]:
     te = te.to_empty(device="cpu")
     random_fill(unet, 0)
     random_fill(te, 1)
+    unet, te = unet.to(dtype), te.to(dtype)
     model = ModelPatcher(DiffusionModel(unet.eval(), SD1, "eps"), "cpu", "cpu")
     return model, CLIP({"l": te.eval()}, SD1, "cpu", "cpu")
 
@@ -164,9 +167,9 @@ def bench(name: str, file: Path, model: ModelPatcher, clip: CLIP, runs: int) -> 
     res = {"first_s": med(first), "repatch_s": med(repatch), "unpatch_s": med(unpatch),
            "repatch_ratio": med(ratio), "peak_extra_gib": med(peaks) / 2**30, "patched_gib": size / 2**30,
            "peak_ratio": med(peaks) / size, "cold_repatch_s": med(cold), "weights": cov.model_weights + cov.clip_weights}
-    print(f"{name:6s} patched weights {res['weights']} ({res['patched_gib']:.2f} GiB fp32): "
+    print(f"{name:6s} patched weights {res['weights']} ({res['patched_gib']:.2f} GiB): "
           f"first patch {res['first_s']:.3f} s, re-patch after strength change {res['repatch_s']:.3f} s "
-          f"({100 * res['repatch_ratio']:.0f}% of first; target <= 25%), from an unpatched model "
+          f"({100 * res['repatch_ratio']:.0f}% of first; target <= 25%), after an unpatch_model "
           f"{res['cold_repatch_s']:.3f} s ({100 * res['cold_repatch_s'] / res['first_s']:.0f}%), unpatch {res['unpatch_s']:.3f} s, "
           f"peak extra RSS {res['peak_extra_gib']:.2f} GiB = {res['peak_ratio']:.2f}x patched size (target <= 1.2x)",
           flush=True)
@@ -179,12 +182,14 @@ def main() -> None:
     ap.add_argument("--only", choices=["lora", "locon"], default=None)
     ap.add_argument("--cache-lowrank", action="store_true",
                     help="keep full up@down deltas in the delta cache instead of the fused addmm path")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="dtype of the model weights")
     args = ap.parse_args()
     patcher_mod.CACHE_LOWRANK = args.cache_lowrank
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"delta mode: {'cached full deltas' if args.cache_lowrank else 'fused addmm of factors'}", flush=True)
+          f"weights {args.dtype}, delta mode: {'cached full deltas' if args.cache_lowrank else 'fused addmm of factors'}",
+          flush=True)
     t0 = time.perf_counter()
-    model, clip = build_sd15()
+    model, clip = build_sd15(DTYPES[args.dtype])
     print(f"built SD1.5-size UNet + CLIP-L in {time.perf_counter() - t0:.1f} s, RSS {rss_bytes() / 2**30:.2f} GiB",
           flush=True)
     with tempfile.TemporaryDirectory() as d:

@@ -186,6 +186,16 @@ class LoRA(_Adapter):
                        None if self.mid is None else _f32(self.mid, device))
         return d * self.scale
 
+    def lowrank_factors(self, shape: torch.Size, device: torch.device
+                        ) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """(up `[out, r]`, down `[r, in*kh*kw]`, s) in fp32 when `s * up @ down` is the whole delta
+        for a weight of `shape` (no Tucker mid, no DoRA, sizes match); else None."""
+        if self.mid is not None or self.dora_scale is not None or _numel(self.delta_shape()) != _numel(shape):
+            return None
+        up2 = _f32(self.up, device).reshape(shape[0], -1)
+        down2 = _f32(self.down, device).reshape(up2.shape[1], -1)
+        return up2, down2, self.scale
+
     def addmm_into(self, base: torch.Tensor, strength: float, out: torch.Tensor | None = None) -> torch.Tensor:
         """`base + strength * s * up @ down` in one fused pass over W (plain LoRA, no mid/DoRA).
 

@@ -13,7 +13,10 @@ touched when a sampler or text encoder needs the module on its device.
 - Strength-only changes: adapters are shared between clones (the LoRA file cache keeps them), so
   full-size deltas that are expensive to build (LoHa, LoKr, Tucker, DoRA normalisation) are kept in a
   byte-bounded LRU (`DELTA_CACHE`) keyed by adapter; low-rank LoRA factors are applied with one fused
-  `addmm` (`W0 + c * up @ down` in a single pass over W, no full delta in memory).
+  `addmm` (`W0 + c * up @ down` in a single pass over W, no full delta in memory); a bf16/fp16
+  weight on the CPU goes through fp32 a block of rows at a time (`BLOCK_BYTES`). The sampler leaves
+  the module patched after its run, so a strength change is one such pass over the weights it
+  touches, written into the storage of the previous patched tensor.
 - Attention hooks: `model_options["attn2_kv"]` / `["attn1_kv"]` (docs/contracts.md) are lists of callables
   `fn(context_k, context_v) -> (context_k, context_v)`; `patch_model` installs `KVHookProcessor` on
   every diffusers `attn2` module and `unpatch_model` puts the original processors back.
@@ -202,6 +205,49 @@ def _forget(token: int) -> None:
 # applying the records of one parameter
 
 
+# a low-precision weight patched on the CPU is converted to fp32 this many bytes of rows at a time
+# (the block stays in cache; no weight-sized fp32 temporary whose page faults cost more than the math)
+BLOCK_BYTES = 4 << 20
+
+
+def _lowrank_terms(original: torch.Tensor, records: Sequence[WeightPatch]
+                   ) -> list[tuple[torch.Tensor, torch.Tensor, float]] | None:
+    """(up `[out, r]`, down `[r, cols]`, m * s) per effective record when every one is a plain
+    low-rank pair for this weight (the common LoRA / LoCon case); None otherwise."""
+    terms = []
+    for rec in records:
+        if rec.strength == 0:
+            continue
+        factors = getattr(rec.adapter, "lowrank_factors", None)
+        fac = None if factors is None else factors(original.shape, original.device)
+        if fac is None:
+            return None
+        up2, down2, scale = fac
+        terms.append((up2, down2, float(rec.strength) * scale))
+    return terms
+
+
+def _patched_lowrank_blocked(original: torch.Tensor, terms: Sequence[tuple[torch.Tensor, torch.Tensor, float]],
+                             out: torch.Tensor | None) -> torch.Tensor:
+    """`cast(W0 + sum_i c_i up_i @ down_i)` for a low-precision CPU weight, one block of rows at a
+    time: fp32 scratch `[rows, cols]` <- W0 rows; `addmm_` of each term's rows; cast into the result."""
+    n_rows = original.shape[0]
+    w2 = original.reshape(n_rows, -1)                                   # [out, in*kh*kw]
+    cols = w2.shape[1]
+    dest = out if out is not None else torch.empty_like(original, memory_format=torch.contiguous_format)
+    d2 = dest.view(n_rows, cols)
+    rows = max(1, min(n_rows, BLOCK_BYTES // (cols * 4)))
+    scratch = torch.empty(rows, cols, dtype=torch.float32, device=original.device)
+    for i in range(0, n_rows, rows):
+        n = min(rows, n_rows - i)
+        blk = scratch[:n]
+        blk.copy_(w2[i:i + n])
+        for up2, down2, c in terms:
+            blk.addmm_(up2[i:i + n], down2, alpha=c)
+        d2[i:i + n].copy_(blk)
+    return dest
+
+
 def compute_patched(original: torch.Tensor, records: Sequence[WeightPatch],
                     cache: DeltaCache | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """`cast(W0 + sum m_i dW_i)` accumulated in fp32; `original` is never modified.
@@ -210,6 +256,11 @@ def compute_patched(original: torch.Tensor, records: Sequence[WeightPatch],
     there instead of allocating (a re-patch reuses the storage of the previous patched weight)."""
     cache = DELTA_CACHE if cache is None else cache
     fp32 = original.dtype == torch.float32
+    if not fp32 and original.device.type == "cpu" and original.dim() >= 2 and not CACHE_LOWRANK \
+            and (out is None or out.is_contiguous()):
+        terms = _lowrank_terms(original, records)
+        if terms:
+            return _patched_lowrank_blocked(original, terms, out)
     dest = out if (out is not None and fp32) else None       # where the fp32 accumulation may land
     acc: torch.Tensor | None = None            # fp32 running weight, shape of W0
     base: tuple = ()                            # signature of the records applied so far

@@ -8,7 +8,10 @@
 2. noise: ComfyUI's (one CPU generator for the batch, batch_index aware) or A1111's per-image
    seeds; zeros when add_noise is off. x = latent + noise * sigma_0 (sqrt(1 + sigma_0^2) at sigma_max).
 3. the CFG denoiser (diffusion.denoiser) with noise_mask handling, the sampler from SAMPLERS, the
-   model patched onto its device for the run and unpatched after.
+   model patched onto its device for the run. It stays patched afterwards, as in ComfyUI: the next
+   run re-patches only the weights whose records differ (a strength change costs one pass over
+   the weights it touches, not a restore plus a patch), and the originals are kept aside until
+   another patch set or `unpatch_model` needs them.
 The LATENT's samples are already scaled latents (VAE.encode multiplies by the scale factor).
 """
 from __future__ import annotations
@@ -138,40 +141,37 @@ def sample(model: Any, seed: int, steps: int, cfg: float, sampler_name: str | Sa
 
     target = torch.device(device) if device is not None else getattr(model, "load_device", torch.device("cpu"))
     model.patch_model(target)
-    try:
-        dev_latent = latent_image.to(target)
-        dev_noise = noise.float().to(target)
-        raw_mask = latent.get("noise_mask")
-        kw = dict(sampling=sampling, latent_shape=latent_image.shape, is_sdxl=bool(dm.family.is_sdxl),
-                  pooled_dim=int(getattr(dm, "pooled_dim", 0)), inpaint=bool(dm.family.inpaint),
-                  latent_image=latent_image, noise_mask=raw_mask, device=target)
-        pos = encode_conditioning(positive, name="positive", **kw)         # type: ignore[arg-type]
-        neg = encode_conditioning(negative, name="negative", **kw)         # type: ignore[arg-type]
-        denoiser: Any = CFGDenoiser(dm, sampling, pos, neg, cfg)
-        if raw_mask is not None:
-            h, w = latent_image.shape[-2:]
-            mask = latent_mask(raw_mask, (h, w), b).to(target).expand(-1, latent_image.shape[1], -1, -1)
-            inpaint_noise = dev_noise
-            if choice.name == "ddim":       # ComfyUI's "random" inpaint noise for ddim
-                gen = torch.Generator().manual_seed((int(seed) + 1) % 2 ** 64)
-                inpaint_noise = torch.randn(noise.shape, generator=gen).to(target)
-            denoiser = MaskedDenoiser(denoiser, dev_latent, inpaint_noise, mask)
-        s0 = float(sigmas[0])
-        max_denoise = noise_mode == "comfy" and sampling.is_max_denoise(s0)
-        x = sampling.noise_scaling(s0, dev_noise, dev_latent, max_denoise)
-        if noise_mode == "a1111" and "noise_sampler" in inspect.signature(fn).parameters \
-                and choice.name not in SDE_SAMPLERS and "noise_sampler" not in options:
-            options["noise_sampler"] = noise_mod.per_image_noise_sampler(x, seeds)   # type: ignore[arg-type]
-        total = len(sigmas) - 1
+    dev_latent = latent_image.to(target)
+    dev_noise = noise.float().to(target)
+    raw_mask = latent.get("noise_mask")
+    kw = dict(sampling=sampling, latent_shape=latent_image.shape, is_sdxl=bool(dm.family.is_sdxl),
+              pooled_dim=int(getattr(dm, "pooled_dim", 0)), inpaint=bool(dm.family.inpaint),
+              latent_image=latent_image, noise_mask=raw_mask, device=target)
+    pos = encode_conditioning(positive, name="positive", **kw)         # type: ignore[arg-type]
+    neg = encode_conditioning(negative, name="negative", **kw)         # type: ignore[arg-type]
+    denoiser: Any = CFGDenoiser(dm, sampling, pos, neg, cfg)
+    if raw_mask is not None:
+        h, w = latent_image.shape[-2:]
+        mask = latent_mask(raw_mask, (h, w), b).to(target).expand(-1, latent_image.shape[1], -1, -1)
+        inpaint_noise = dev_noise
+        if choice.name == "ddim":       # ComfyUI's "random" inpaint noise for ddim
+            gen = torch.Generator().manual_seed((int(seed) + 1) % 2 ** 64)
+            inpaint_noise = torch.randn(noise.shape, generator=gen).to(target)
+        denoiser = MaskedDenoiser(denoiser, dev_latent, inpaint_noise, mask)
+    s0 = float(sigmas[0])
+    max_denoise = noise_mode == "comfy" and sampling.is_max_denoise(s0)
+    x = sampling.noise_scaling(s0, dev_noise, dev_latent, max_denoise)
+    if noise_mode == "a1111" and "noise_sampler" in inspect.signature(fn).parameters \
+            and choice.name not in SDE_SAMPLERS and "noise_sampler" not in options:
+        options["noise_sampler"] = noise_mod.per_image_noise_sampler(x, seeds)   # type: ignore[arg-type]
+    total = len(sigmas) - 1
 
-        def k_callback(info: dict[str, Any]) -> None:
-            if callback is not None:
-                callback(int(info["i"]), total, info["denoised"], info["x"])
+    def k_callback(info: dict[str, Any]) -> None:
+        if callback is not None:
+            callback(int(info["i"]), total, info["denoised"], info["x"])
 
-        samples = fn(denoiser, x, sigmas.to(target), extra_args={"seed": seeds}, callback=k_callback,
-                     disable=True, **options)
-    finally:
-        model.unpatch_model()
+    samples = fn(denoiser, x, sigmas.to(target), extra_args={"seed": seeds}, callback=k_callback,
+                 disable=True, **options)
     out["samples"] = samples.float().cpu()
     return out
 

@@ -9,6 +9,7 @@ import torch
 from diffusion.demo import tiny_components
 from diffusion.lora_weights import LoHa, LoRA
 from diffusion.model import DiffusionModel
+from diffusion import patcher as patcher_mod
 from diffusion.patcher import DELTA_CACHE, ModelPatcher, WeightPatch
 
 
@@ -66,6 +67,37 @@ def test_fp16_weights_accumulate_in_fp32_and_store_in_fp16():
     assert m[0].weight.dtype == torch.float16
     assert torch.equal(m[0].weight.data, want)
     p.unpatch_model()
+    assert bit_equal(m, ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_weights_are_patched_in_row_blocks(monkeypatch, dtype):
+    # 40 fp32 bytes per row of the conv weight [8, 4*3*3]... force blocks of 3 rows (a partial last one)
+    monkeypatch.setattr(patcher_mod, "BLOCK_BYTES", 3 * 4 * 36)
+    m = small_module(dtype)
+    ref = snapshot(m)
+    a, b = lora_for((8, 4, 3, 3), 5), lora_for((8, 4, 3, 3), 6, rank=3)
+    lin = lora_for((24, 16), 7)
+    p = ModelPatcher(m, "cpu", "cpu")
+
+    def expected(sa: float, sb: float) -> torch.Tensor:
+        w0 = ref["1.weight"].float()
+        return (w0 + sa * a.delta(w0) + sb * b.delta(w0)).to(dtype)
+
+    q = p.clone()
+    q.add_patches({"1.weight": a, "0.weight": lin}, 0.8, "a")
+    q.add_patches({"1.weight": b}, -0.6, "b")
+    q.patch_model()
+    torch.testing.assert_close(m[1].weight.data, expected(0.8, -0.6), rtol=4e-3 if dtype == torch.bfloat16 else 1e-3, atol=1e-6)
+    storage = m[1].weight.data.data_ptr()
+    r = p.clone()                                     # strength change: written into the same storage
+    r.add_patches({"1.weight": a, "0.weight": lin}, 0.2, "a")
+    r.add_patches({"1.weight": b}, -0.6, "b")
+    r.patch_model()
+    assert m[1].weight.data.data_ptr() == storage and m[1].weight.dtype == dtype
+    torch.testing.assert_close(m[1].weight.data, expected(0.2, -0.6), rtol=4e-3 if dtype == torch.bfloat16 else 1e-3, atol=1e-6)
+    assert not torch.equal(m[1].weight.data, expected(0.8, -0.6))
+    r.unpatch_model()
     assert bit_equal(m, ref)
 
 

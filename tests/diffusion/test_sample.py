@@ -280,7 +280,7 @@ def test_inpaint_model_gets_mask_and_masked_latent() -> None:
     assert spy.calls[0].get("concat") is None
 
 
-def test_patched_model_is_used_and_restored(sd1: ModelPatcher, latent: dict) -> None:
+def test_patched_model_is_used_then_kept_patched_until_another_patch_set(sd1: ModelPatcher, latent: dict) -> None:
     plain = _run(sd1, latent, steps=2)
     patched = sd1.clone()
     key = "unet.conv_in.bias"
@@ -288,6 +288,11 @@ def test_patched_model_is_used_and_restored(sd1: ModelPatcher, latent: dict) -> 
     before = dict(sd1.model.named_parameters())[key].clone()
     out = _run(patched, latent, steps=2)
     assert not torch.allclose(out, plain)
+    # as in ComfyUI the module stays patched after the run (a strength change re-patches in place)
+    assert torch.equal(dict(sd1.model.named_parameters())[key], before + 0.5) and sd1.is_patched()
+    assert torch.equal(_run(patched, latent, steps=2), out)
+    # the plain model brings the originals back bit-exactly before it samples
+    assert torch.equal(_run(sd1, latent, steps=2), plain)
     assert torch.equal(dict(sd1.model.named_parameters())[key], before) and not sd1.is_patched()
 
 
