@@ -10,7 +10,10 @@
   start/end_percent as sigmas, A1111 denoiser-call ranges).
 - `CFGDenoiser`: D = D_uncond + cfg (D_cond - D_uncond) on the denoised outputs (ComfyUI), cond and
   uncond batched into one UNet call when their shapes allow; several entries per side are averaged
-  with their strengths and feathered areas (ComfyUI's rule); uncond skipped when cfg == 1.
+  with their strengths and feathered areas (ComfyUI's rule); uncond skipped when cfg == 1. Entries
+  of A1111 `AND` parts (key `a1111_and` = the part's weight) combine A1111's way instead:
+  D = D_uncond + cfg * sum_k w_k (D_k - D_uncond) (composable diffusion), which equals the strength
+  average only when the weights sum to 1.
 - `MaskedDenoiser`: LATENT noise_mask sampling (ComfyUI KSamplerX0Inpaint).
 """
 from __future__ import annotations
@@ -90,6 +93,7 @@ class CondEntry:
     text_embeds: Tensor | None = None      # SDXL pooled text [1|B, P]
     time_ids: Tensor | None = None         # SDXL [1|B, 6]: height, width, crop_h, crop_w, target_h, target_w
     concat: Tensor | None = None           # inpainting models: [1|B, 5, h, w] mask + masked-image latent
+    and_weight: float | None = None        # A1111 AND part weight (composable diffusion), None: ComfyUI averaging
 
 
 def _as_area(value: Any) -> tuple[int, int, int, int] | None:
@@ -148,6 +152,7 @@ def encode_conditioning(conditioning: Sequence[Sequence[Any]], sampling: ModelSa
         if inpaint:
             concat = inpaint_concat(opts, latent_image, noise_mask, (b, h, w))
         calls = opts.get("a1111_calls")
+        and_weight = opts.get("a1111_and")
 
         def dev(t: Tensor | None) -> Tensor | None:
             return None if t is None else t.to(device)
@@ -156,7 +161,8 @@ def encode_conditioning(conditioning: Sequence[Sequence[Any]], sampling: ModelSa
             sigma_start=sampling.percent_to_sigma(start) if start > 0 else math.inf,
             sigma_end=sampling.percent_to_sigma(end) if end < 1 else 0.0,
             calls=(int(calls[0]), None if calls[1] is None else int(calls[1])) if calls is not None else None,
-            text_embeds=dev(text_embeds), time_ids=dev(time_ids), concat=dev(concat)))
+            text_embeds=dev(text_embeds), time_ids=dev(time_ids), concat=dev(concat),
+            and_weight=None if and_weight is None else float(and_weight)))
     return out
 
 
@@ -231,7 +237,8 @@ class CFGDenoiser:
         self.positive = positive
         self.negative = negative
         self.cfg = float(cfg)
-        self.skip_uncond = math.isclose(self.cfg, 1.0)
+        # A1111 AND parts need D_uncond even at cfg 1 (their weights need not sum to 1)
+        self.skip_uncond = math.isclose(self.cfg, 1.0) and not any(e.and_weight is not None for e in positive)
         self.max_batch = max_batch
         self.calls = 0                 # denoiser calls so far (A1111 prompt-schedule ranges)
         self._ts_cache: dict[float, Tensor] = {}
@@ -287,10 +294,12 @@ class CFGDenoiser:
             for i in range(0, len(members), step):
                 results.extend(self._run(x, sigma, members[i:i + step]))
         outs: list[Tensor] = []
+        composable = (len(sides) == 2 and bool(sides[0]) and
+                      all(e.and_weight is not None and e.area is None and e.mask is None for e in sides[0]))
         for k in range(len(sides)):
             mine = [(e, d) for kk, e, d in results if kk == k]
-            if simple[k]:
-                outs.append(mine[0][1])
+            if simple[k] or (k == 0 and composable):
+                outs.append(mine[0][1])           # composable: replaced below, once D_uncond is known
                 continue
             acc = torch.zeros_like(x)
             count = torch.full_like(x, 1e-37)
@@ -310,6 +319,15 @@ class CFGDenoiser:
                     acc += d * mult
                     count += mult
             outs.append(acc / count)
+        if composable:
+            # A1111: the effective cond is D_uncond + sum_k w_k (D_k - D_uncond), so that the CFG
+            # step gives D_uncond + cfg * sum_k w_k (D_k - D_uncond)
+            uncond = outs[1]
+            eff = uncond.clone()
+            for kk, e, d in results:
+                if kk == 0:
+                    eff += (d - uncond) * float(e.and_weight)   # type: ignore[arg-type]
+            outs[0] = eff
         return outs
 
     def _context(self, part: list[tuple[int, CondEntry]], b: int) -> Tensor | None:

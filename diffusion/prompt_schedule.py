@@ -161,7 +161,8 @@ def scheduled_conditioning(subprompts: Sequence[SubPrompt], steps: int,
 
     Each distinct text is encoded once. A schedule with a single entry gets no range keys, so an
     unscheduled prompt gives exactly what a plain text encode gives. AND parts carry their weight
-    as `strength` (the sampler averages simultaneous entries by strength, ComfyUI's rule).
+    as `a1111_and` (the sampler combines them A1111's way, D_u + cfg sum_k w_k (D_k - D_u)) and as
+    `strength` (what ComfyUI's averaging uses where the entries travel on to other nodes).
     """
     cache: dict[str, Encoded] = {}
     out: list[list[Any]] = []
@@ -176,6 +177,7 @@ def scheduled_conditioning(subprompts: Sequence[SubPrompt], steps: int,
                 info["a1111_calls"] = (r.first, r.last)
             if len(subprompts) > 1 or sub.weight != 1.0:
                 info["strength"] = sub.weight
+                info["a1111_and"] = sub.weight
             out.append([cond, info])
     return out
 

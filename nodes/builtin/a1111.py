@@ -15,9 +15,9 @@ UI does with its two prompt boxes (prompts.md §1):
   chunked A1111's way (BREAK, comma backtracking, bare-name embeddings from the CLIP's embedding
   folders) and encoded; schedule entries carry `a1111_calls` ranges that the samplers honour
   (switches happen at A1111's denoiser calls: set `steps` to the sampler's steps).
-- AND parts become simultaneous conditioning entries with `strength` = their weight; the sampler
-  averages them by strength (ComfyUI's rule), while A1111 adds `w_k * cfg * (D_k - D_uncond)`: the
-  two agree when the weights sum to 1.
+- AND parts become simultaneous conditioning entries marked `a1111_and` = their weight; the
+  sampler combines them as A1111 does, D_uncond + cfg * sum_k w_k (D_k - D_uncond) (they also carry
+  `strength` = weight, for ComfyUI's averaging if they are mixed with other entries or areas).
 - weight_interpretation "a1111": multiply and restore each chunk's mean (A1111 "Original");
   "comfy": ComfyUI's interpolation from the empty prompt. The parse is A1111's in both.
 Outputs are plain values, cached by the graph like any other; LoRA and hypernetwork files are read

@@ -71,13 +71,14 @@ def test_unscheduled_prompt_has_no_range_keys() -> None:
     assert set(entry[1]) == {"pooled_output"}
 
 
-def test_and_parts_carry_their_weight_as_strength() -> None:
+def test_and_parts_carry_their_weight_as_strength_and_a1111_and() -> None:
     _, encode = encoder()
     subs = a1111_subprompts("a [b:c:2] AND d:0.4", 4)
     assert subs == [SubPrompt(1.0, ((2, "a b"), (4, "a c"))), SubPrompt(0.4, ((4, " d"),))]
     cond = scheduled_conditioning(subs, 4, encode)
     assert [(e[1].get("strength"), e[1].get("a1111_calls")) for e in cond] == [(1.0, (0, 2)), (1.0, (3, None)),
                                                                              (0.4, None)]
+    assert [e[1].get("a1111_and") for e in cond] == [1.0, 1.0, 0.4]
 
 
 def test_negative_prompts_are_not_split() -> None:

@@ -241,6 +241,33 @@ def test_areas_and_strengths_average_entries(sd1: ModelPatcher) -> None:
         assert not torch.allclose(mixed[:, :, :4], da[:, :, :4])
 
 
+def test_a1111_and_parts_combine_as_composable_diffusion(sd1: ModelPatcher) -> None:
+    dm = sd1.model
+    ms = ModelSampling.from_model(dm)
+    shape = (1, 4, 8, 8)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(4)) * 5
+    sigma = torch.full((1,), 5.0)
+    a = encode_conditioning(_cond(32, 1, a1111_and=1.0, strength=1.0), ms, shape)
+    b = encode_conditioning(_cond(32, 2, a1111_and=0.8, strength=0.8), ms, shape)
+    neg = encode_conditioning(_cond(32, 3), ms, shape)
+    plain_a = encode_conditioning(_cond(32, 1, strength=1.0), ms, shape)
+    plain_b = encode_conditioning(_cond(32, 2, strength=0.8), ms, shape)
+    with torch.no_grad():
+        da = CFGDenoiser(dm, ms, plain_a, [], 1.0)(x, sigma)
+        db = CFGDenoiser(dm, ms, plain_b, [], 1.0)(x, sigma)
+        du = CFGDenoiser(dm, ms, neg, [], 1.0)(x, sigma)
+        # A1111: D_u + cfg * sum_k w_k (D_k - D_u); the weights sum to 1.8, not 1
+        got = CFGDenoiser(dm, ms, a + b, neg, 7.0)(x, sigma)
+        assert torch.allclose(got, du + 7.0 * (1.0 * (da - du) + 0.8 * (db - du)), atol=2e-3)
+        # at cfg 1 the uncond is still needed: D_u + sum_k w_k (D_k - D_u)
+        one = CFGDenoiser(dm, ms, a + b, neg, 1.0)(x, sigma)
+        assert torch.allclose(one, du + (da - du) + 0.8 * (db - du), atol=5e-4)
+        # the same entries without the key are averaged by strength (ComfyUI)
+        avg = CFGDenoiser(dm, ms, plain_a + plain_b, neg, 7.0)(x, sigma)
+        assert torch.allclose(avg, du + 7.0 * ((da + 0.8 * db) / 1.8 - du), atol=2e-3)
+        assert not torch.allclose(avg, got, atol=0.1)
+
+
 def test_sdxl_size_conditioning_defaults_to_latent_size() -> None:
     xl = _patcher("sdxl")
     dm = xl.model
