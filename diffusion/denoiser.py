@@ -41,10 +41,16 @@ class ModelSampling:
     quantize: bool = True          # ComfyUI's integer timesteps; False: k-diffusion / A1111 fractional
 
     @classmethod
-    def from_model(cls, model: Any, quantize: bool = True) -> ModelSampling:
-        """From a DiffusionModel (its `alphas_cumprod` and `prediction`)."""
-        table = schedules.sigmas_from_alphas_cumprod(model.alphas_cumprod, torch.float32)
-        return cls(table, model.prediction, quantize)
+    def from_model(cls, model: Any, quantize: bool = True, prediction: Prediction | None = None,
+                   zsnr: bool | None = None) -> ModelSampling:
+        """From a DiffusionModel: its `alphas_cumprod`, `prediction` and the family's `zsnr` marker,
+        unless overridden (ModelSamplingDiscrete)."""
+        if zsnr is None:
+            zsnr = bool(getattr(getattr(model, "family", None), "zsnr", False))
+        table = schedules.sigmas_from_alphas_cumprod(model.alphas_cumprod, torch.float64)
+        if zsnr:
+            table = schedules.rescale_zero_terminal_snr(table)
+        return cls(table.float(), prediction or model.prediction, quantize)
 
     @property
     def sigma_min(self) -> float:

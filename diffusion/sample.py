@@ -53,10 +53,25 @@ def _diffusion_model(model: Any) -> Any:
     return inner
 
 
+SAMPLING_OPTION = "model_sampling"     # model_options key: {"prediction": "eps"|"v", "zsnr": bool}
+
+
+def with_model_sampling(model: Any, prediction: str, zsnr: bool) -> Any:
+    """A clone of a MODEL that samples as `prediction` ("eps" or "v") with or without the
+    zero-terminal-SNR sigma rescale (ComfyUI's ModelSamplingDiscrete)."""
+    if prediction not in ("eps", "v"):
+        raise ValueError(f"model sampling: prediction must be 'eps' or 'v', got {prediction!r}")
+    out = model.clone()
+    out.model_options[SAMPLING_OPTION] = {"prediction": prediction, "zsnr": bool(zsnr)}
+    return out
+
+
 def model_sampling(model: Any, quantize: bool = True) -> ModelSampling:
-    """The ModelSampling of a MODEL (ModelPatcher) or a DiffusionModel."""
+    """The ModelSampling of a MODEL (ModelPatcher, honouring a ModelSamplingDiscrete override) or
+    a DiffusionModel."""
     inner = model if hasattr(model, "apply_model") else _diffusion_model(model)
-    return ModelSampling.from_model(inner, quantize)
+    opts = (getattr(model, "model_options", None) or {}).get(SAMPLING_OPTION) or {}
+    return ModelSampling.from_model(inner, quantize, prediction=opts.get("prediction"), zsnr=opts.get("zsnr"))
 
 
 def sigmas_for(sampling: ModelSampling, sampler_name: str, scheduler: str, steps: int,
@@ -119,7 +134,7 @@ def sample(model: Any, seed: int, steps: int, cfg: float, sampler_name: str | Sa
     if "samples" not in latent or not isinstance(latent["samples"], Tensor):
         raise ValueError("diffusion.sample: latent_image must be a LATENT dict with a 'samples' tensor")
     dm = _diffusion_model(model)
-    sampling = ModelSampling.from_model(dm, quantize=(timesteps == "comfy"))
+    sampling = model_sampling(model, quantize=(timesteps == "comfy"))
     latent_image = _fix_channels(latent["samples"].float().cpu(), int(getattr(dm, "latent_channels", 4)))
     out = dict(latent)
     if sigmas is None:

@@ -33,6 +33,21 @@ def sigmas_from_alphas_cumprod(alphas_cumprod: Tensor, dtype: torch.dtype = torc
     return (((1.0 - ac) / ac) ** 0.5).to(dtype)
 
 
+def rescale_zero_terminal_snr(sigmas: Tensor) -> Tensor:
+    """Zero-terminal-SNR rescale of an increasing sigma table (samplers.md 1.3; Lin et al. 2023,
+    "Common Diffusion Noise Schedules and Sample Steps are Flawed", algorithm 1), in float64:
+    sqrt(alpha_bar) = 1 / sqrt(1 + sigma^2) is shifted so its last value is 0 and scaled so its first
+    is unchanged; the last alpha_bar is then set to 4.8973451890853435e-08 (as ComfyUI) so that
+    sigma_max stays finite (~4518.76)."""
+    s = sigmas.double()
+    sqrt_ab = 1.0 / torch.sqrt(1.0 + s * s)                 # [N], decreasing
+    first, last = sqrt_ab[0].clone(), sqrt_ab[-1].clone()
+    sqrt_ab = (sqrt_ab - last) * (first / (first - last))
+    ab = sqrt_ab * sqrt_ab
+    ab[-1] = 4.8973451890853435e-08
+    return (((1.0 - ab) / ab) ** 0.5).to(sigmas.dtype)
+
+
 def default_sigma_table(dtype: torch.dtype = torch.float32) -> Tensor:
     """The SD1/SD2/SDXL training table (sigma_min 0.0291672, sigma_max 14.6146)."""
     return sigmas_from_alphas_cumprod(alphas_cumprod_from_betas(ddpm_betas()), dtype)

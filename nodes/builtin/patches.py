@@ -1,4 +1,4 @@
-"""Patch nodes: LoraLoader, LoraLoaderModelOnly (ComfyUI names, inputs and order).
+"""Patch nodes: LoraLoader, LoraLoaderModelOnly, ModelSamplingDiscrete (ComfyUI names, inputs and order).
 
 Thin: `diffusion.lora.load_lora` reads the file (once per mtime), resolves its keys and returns
 clones that record the patches; weights change only when a sampler / text encoder patches the
@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from diffusion.lora import LoraCoverage, load_lora
+from diffusion.sample import with_model_sampling
 from graph.runtime import current
 from nodes.folders import current_folders
 
@@ -91,5 +92,28 @@ class LoraLoaderModelOnly:
         return (_apply(model, None, lora_name, strength_model, 0.0, strict)[0],)
 
 
-NODE_CLASS_MAPPINGS = {"LoraLoader": LoraLoader, "LoraLoaderModelOnly": LoraLoaderModelOnly}
-NODE_DISPLAY_NAME_MAPPINGS = {"LoraLoader": "Load LoRA", "LoraLoaderModelOnly": "LoraLoaderModelOnly"}
+class ModelSamplingDiscrete:
+    """Sample a model as eps or v-prediction, optionally with zero-terminal-SNR sigmas (for
+    checkpoints whose file does not say so). ComfyUI also lists lcm, x0 and img_to_img, which
+    Easel does not offer."""
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        return {"required": {
+            "model": ("MODEL",),
+            "sampling": (["eps", "v_prediction"],),
+            "zsnr": ("BOOLEAN", {"default": False}),
+        }}
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "patch"
+    CATEGORY = "advanced/model"
+
+    def patch(self, model: Any, sampling: str, zsnr: bool) -> tuple[Any]:
+        return (with_model_sampling(model, "v" if sampling == "v_prediction" else "eps", zsnr),)
+
+
+NODE_CLASS_MAPPINGS = {"LoraLoader": LoraLoader, "LoraLoaderModelOnly": LoraLoaderModelOnly,
+                       "ModelSamplingDiscrete": ModelSamplingDiscrete}
+NODE_DISPLAY_NAME_MAPPINGS = {"LoraLoader": "Load LoRA", "LoraLoaderModelOnly": "LoraLoaderModelOnly",
+                              "ModelSamplingDiscrete": "ModelSamplingDiscrete"}

@@ -332,3 +332,13 @@ def test_sample_custom_and_split_sigmas(sd1: ModelPatcher, latent: dict) -> None
     assert torch.allclose(out["samples"], denoised["samples"], atol=1e-5)     # euler's last step is D
     with pytest.raises(ValueError, match="unknown sampler"):
         sample(sd1, 1, 2, 5.0, "nope", "karras", _cond(32, 1), _cond(32, 2), latent)
+
+
+def test_ztsnr_family_samples_with_rescaled_sigmas() -> None:
+    c = tiny_components("sdxl", seed=3, prediction="v")
+    plain = DiffusionModel(c.unet, c.family.with_(prediction="v"), "v")
+    zsnr = DiffusionModel(c.unet, c.family.with_(prediction="v", zsnr=True), "v")
+    assert ModelSampling.from_model(plain).sigma_max == pytest.approx(14.6146, abs=1e-3)
+    ms = ModelSampling.from_model(zsnr)
+    assert ms.sigma_max == pytest.approx(4518.76, abs=0.01) and ms.prediction == "v"
+    assert ModelSampling.from_model(zsnr, zsnr=False).sigma_max == pytest.approx(14.6146, abs=1e-3)

@@ -139,3 +139,17 @@ def test_unknown_scheduler_is_named(table: torch.Tensor) -> None:
         sch.calculate_sigmas(table, "fancy", 10)
     with pytest.raises(ValueError, match="steps must be >= 1"):
         sch.calculate_sigmas(table, "karras", 0)
+
+
+def test_zero_terminal_snr_rescale(table: torch.Tensor) -> None:
+    z = sch.rescale_zero_terminal_snr(table.double())
+    assert z.dtype == torch.float64 and z.shape == table.shape
+    assert float(z[-1]) == pytest.approx(4518.76, abs=0.01)          # samplers.md 1.3
+    assert float(z[0]) == pytest.approx(float(table[0]), rel=1e-12)   # the first value is kept
+    assert bool((z[1:] > z[:-1]).all())
+    # sqrt(alpha_bar) is an affine map of the original one that sends its last value to 0
+    old = 1.0 / torch.sqrt(1.0 + table.double() ** 2)
+    new = 1.0 / torch.sqrt(1.0 + z ** 2)
+    want = (old - old[-1]) * (old[0] / (old[0] - old[-1]))
+    torch.testing.assert_close(new[:-1], want[:-1], rtol=1e-9, atol=1e-12)
+    assert float(new[-1]) ** 2 == pytest.approx(4.8973451890853435e-08, rel=1e-9)

@@ -54,7 +54,7 @@ def events() -> tuple[NodeRuntime, list[tuple[str, dict]]]:
 
 
 def test_registered_and_lists_subfolder_files(setup):
-    assert set(NODE_CLASS_MAPPINGS) == {"LoraLoader", "LoraLoaderModelOnly"}
+    assert set(NODE_CLASS_MAPPINGS) == {"LoraLoader", "LoraLoaderModelOnly", "ModelSamplingDiscrete"}
     names = LoraLoader.INPUT_TYPES()["required"]["lora_name"][0]
     assert names == ["extra.safetensors", "styles/good.safetensors"]
     req = list(LoraLoader.INPUT_TYPES()["required"])
@@ -161,3 +161,26 @@ def test_strength_changes_rerun_only_the_side_they_touch(tmp_path):
         assert ex.run(prompt(0.5, 0.25)).ok                 # only strength_clip
         ran = set(log.executed_nodes())
         assert {"10", "6", "7"} <= ran
+
+
+def test_model_sampling_discrete_overrides_prediction_and_zsnr(setup):
+    from diffusion.sample import model_sampling, sample
+
+    model = setup[0]
+    node = NODE_CLASS_MAPPINGS["ModelSamplingDiscrete"]()
+    (v_model,) = node.patch(model, "v_prediction", True)
+    base, over = model_sampling(model), model_sampling(v_model)
+    assert base.prediction == "eps" and over.prediction == "v"
+    assert float(base.sigmas[-1]) == pytest.approx(14.6146, abs=1e-3)
+    assert float(over.sigmas[-1]) == pytest.approx(4518.76, abs=0.01)
+    assert v_model.patch_fingerprint() != model.patch_fingerprint()
+    assert "model_sampling" not in model.model_options             # the input is untouched
+    (eps_plain,) = node.patch(model, "eps", False)
+    assert torch.equal(model_sampling(eps_plain).sigmas, base.sigmas)
+    g = torch.Generator().manual_seed(0)
+    cond = [[torch.randn(1, 77, 32, generator=g), {}]]
+    latent = {"samples": torch.zeros(1, 4, 8, 8)}
+    a = sample(model, 1, 2, 5.0, "euler", "normal", cond, cond, latent)["samples"]
+    b = sample(eps_plain, 1, 2, 5.0, "euler", "normal", cond, cond, latent)["samples"]
+    c = sample(v_model, 1, 2, 5.0, "euler", "normal", cond, cond, latent)["samples"]
+    assert torch.equal(a, b) and not torch.allclose(a, c)
