@@ -34,7 +34,7 @@ from safetensors.torch import save_file  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 
 from diffusion import lora as lora_mod  # noqa: E402
-from diffusion import patcher as patcher_mod  # noqa: E402
+from diffusion import weight_patch as patcher_mod  # noqa: E402
 from diffusion.clip import CLIP  # noqa: E402
 from diffusion.detect import SD1  # noqa: E402
 from diffusion.lora import load_lora  # noqa: E402

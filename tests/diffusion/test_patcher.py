@@ -9,7 +9,7 @@ import torch
 from diffusion.demo import tiny_components
 from diffusion.lora_weights import LoHa, LoRA
 from diffusion.model import DiffusionModel
-from diffusion import patcher as patcher_mod
+from diffusion import weight_patch as patcher_mod
 from diffusion.patcher import DELTA_CACHE, ModelPatcher, WeightPatch
 
 
