@@ -105,6 +105,7 @@ class ModelPatcher:
         self.patches: dict[str, tuple[WeightPatch, ...]] = {}     # key -> records in order
         self.model_options: dict[str, Any] = {}
         self._param_shapes: dict[str, torch.Size] | None = None
+        self._owns_module = True                  # clones share the module: they do not count it
 
     # ---------------------------------------------------------------- recording
     def clone(self) -> ModelPatcher:
@@ -112,7 +113,27 @@ class ModelPatcher:
         c.__dict__.update(self.__dict__)          # attributes others set travel along (shallow)
         c.patches = dict(self.patches)            # tuples of frozen records: sharing them is safe
         c.model_options = _copy_options(self.model_options)
+        c._owns_module = False
         return c
+
+    def cache_size_bytes(self) -> int:
+        """Bytes this value holds for the graph's output cache: the module's parameters and buffers
+        for the patcher that first wrapped it (the loader's output), plus the tensors of the
+        adapters it records. Clones share the module, so counting it again would make every LoRA
+        clone look as large as its checkpoint and evict models early."""
+        total = 0
+        if getattr(self, "_owns_module", True):
+            total += sum(t.element_size() * t.nelement() for t in self.model.parameters())
+            total += sum(t.element_size() * t.nelement() for t in self.model.buffers())
+        seen: set[int] = set()
+        for recs in self.patches.values():
+            for rec in recs:
+                if id(rec.adapter) in seen:
+                    continue
+                seen.add(id(rec.adapter))
+                fields = getattr(rec.adapter, "__dict__", {})
+                total += sum(v.element_size() * v.nelement() for v in fields.values() if isinstance(v, torch.Tensor))
+        return total
 
     def parameter_shapes(self) -> dict[str, torch.Size]:
         """Parameter name -> shape of the original weights (what patch keys must name)."""

@@ -306,3 +306,23 @@ def test_device_names_compare_by_type_and_index():
     assert same_device(torch.device("cuda"), torch.device("cuda:0"))
     assert not same_device(torch.device("cuda:1"), torch.device("cuda:0"))
     assert not same_device(torch.device("cpu"), torch.device("cuda"))
+
+
+def test_cache_size_counts_the_shared_module_once():
+    import sys
+
+    from graph.cache import estimate_bytes
+
+    m = small_module()
+    module_bytes = sum(t.element_size() * t.nelement() for t in m.parameters())
+    base = ModelPatcher(m, "cpu", "cpu")
+    ad = lora_for((24, 16), 9, rank=4)
+    clone = base.clone()
+    clone.add_patches({"0.weight": ad}, 0.5, "a")
+    clone.add_patches({"2.weight": ad}, 0.5, "a")          # the same adapter object counts once
+    adapter_bytes = (ad.up.nelement() + ad.down.nelement()) * 4
+    assert estimate_bytes(base) == module_bytes
+    assert estimate_bytes(clone) == adapter_bytes
+    assert estimate_bytes(clone.clone()) == adapter_bytes
+    pair = [base, clone]
+    assert estimate_bytes(pair) == module_bytes + adapter_bytes + sys.getsizeof(pair)
