@@ -3,10 +3,14 @@
 A per-family linear projection of the 4 latent channels to RGB (ComfyUI's "latent2rgb" factors for
 the SD1/SD2 and SDXL latent spaces), applied to the first image of the batch:
 rgb[h, w] = latent[:, h, w] @ factors + bias, then (rgb + 1) / 2 clamped to 0..1. One small matmul
-per step. TAESD previews are not implemented (the projection is used even when models/vae_approx
-holds TAESD weights).
+per step. `make_previewer(method, family, vae_approx_dirs)` picks what a sampler's step callback
+uses: "taesd" / "auto" decode with the TAESD decoder file when there is one (diffusion.taesd; the
+projection otherwise), "latent2rgb" the projection, "none" nothing.
 """
 from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
 
 import torch
 from PIL import Image
@@ -47,3 +51,35 @@ def preview_image(latent: Tensor, family_name: str = "sd1") -> Image.Image:
     512x512 image; the UI scales it)."""
     rgb = latent_to_rgb(latent, family_name)
     return Image.fromarray((rgb * 255).round().to(torch.uint8).numpy(), mode="RGB")
+
+
+Previewer = Callable[[Tensor], Image.Image | None]
+
+
+def make_previewer(method: str, family_name: str, vae_approx_dirs: Sequence[str | os.PathLike[str]] = (),
+                   warn: Callable[[str, dict], None] | None = None) -> Previewer | None:
+    """The per-step preview function for a preview method ("auto", "taesd", "latent2rgb", "none");
+    None when no previews are wanted. A TAESD file that cannot be read is a warning (through
+    `warn`) and the projection is used instead."""
+    method = (method or "auto").lower()
+    if method in ("none", "false", ""):
+        return None
+
+    def projection(x0: Tensor) -> Image.Image | None:
+        return preview_image(x0, family_name) if x0.shape[1] == 4 else None
+
+    if method in ("auto", "taesd"):
+        from diffusion import taesd            # diffusers' DecoderTiny: only when previews are wanted
+        from diffusion.errors import ModelFileError
+
+        path = taesd.find_decoder(family_name, vae_approx_dirs)
+        if path is not None:
+            try:
+                decoder = taesd.load_decoder(path)
+            except ModelFileError as e:
+                if warn is not None:
+                    warn(f"TAESD previews off: {e}", {"file": str(path)})
+                return projection
+            channels = int(decoder.layers[0].in_channels)
+            return lambda x0: taesd.decode_preview(decoder, x0) if x0.shape[1] == channels else None
+    return projection

@@ -373,7 +373,8 @@ class _Run:
         return inputs
 
     def runtime(self, node_id: str) -> NodeRuntime:
-        return NodeRuntime(node_id, self.prompt_id, self.emit, self.ex.interrupt_requested, self.ex.folders)
+        return NodeRuntime(node_id, self.prompt_id, self.emit, self.ex.interrupt_requested, self.ex.folders,
+                           str(self.extra.get("preview_method") or "auto").lower())
 
     def check_lazy(self, node_id: str, spec: NodeSpec, wanted: set[str]) -> bool:
         """Ask check_lazy_status which lazy inputs it needs; True when new ones were requested."""

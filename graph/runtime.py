@@ -31,6 +31,9 @@ class NodeRuntime:
     emit: Callable[[str, dict[str, Any]], None] = field(default=lambda event, data: None)
     interrupt_requested: Callable[[], bool] = field(default=lambda: False)
     folders: Any = None
+    # how a sampler should make step previews: "none", "latent2rgb", "taesd" or "auto" (TAESD when
+    # its decoder file is there); the server sets it from its setting or the prompt's extra_data
+    preview_method: str = "auto"
 
     def progress(self, value: int, total: int, preview: object | None = None) -> None:
         self.emit("progress", {"value": int(value), "max": int(total), "node": self.node_id,

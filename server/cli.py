@@ -126,7 +126,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     ensure_demo_files(prompt, folders)
     executor = Executor(registry, OutputCache(), ConsoleProgress(args.explain), folders=folders)
     with use_folders(folders):
-        result = executor.run(prompt, extra_data={"extra_pnginfo": pnginfo}, targets=args.target or None)
+        result = executor.run(prompt, extra_data={"extra_pnginfo": pnginfo, "preview_method": "none"},
+                              targets=args.target or None)
     return report(result)
 
 
@@ -217,6 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_folder_options(serve)
     serve.add_argument("--cpu", action="store_true")
     serve.add_argument("--lowvram", action="store_true")
+    serve.add_argument("--preview-method", default="none", choices=["none", "auto", "latent2rgb", "taesd"],
+                       help="sampler previews sent to websocket clients: auto = TAESD when "
+                            "models/vae_approx has its decoder, else latent2rgb (default none, as ComfyUI; "
+                            "a prompt may ask with extra_data.preview_method)")
     serve.add_argument("--ray", default=None, metavar="auto|ADDRESS",
                        help="run prompts on Ray workers: 'auto' joins the running cluster or starts a local one, "
                             "ADDRESS joins that cluster (needs easel[ray])")

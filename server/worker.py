@@ -80,6 +80,7 @@ class JobEvents:
         method = job.extra_data.get("preview_method") or worker.preview_method
         self.previews = str(method).lower() not in ("none", "", "false")
         self.previews_requested = bool(job.extra_data.get("preview_method")) and self.previews
+        self.preview_method = str(method).lower() if self.previews else "none"   # what the sampler makes
         self.held: list[tuple[str, dict[str, Any]]] = []
         self.states: dict[str, dict[str, Any]] = {}
         self.running_node: str | None = None
@@ -320,7 +321,9 @@ class Worker:
             if self.prepare is not None:
                 self.prepare(job)
             specs = self.specs() if self.specs is not None and job.report is not None else None
-            request = RunRequest(job.prompt, job.prompt_id, {**job.extra_data, **job.sensitive}, job.targets)
+            request = RunRequest(job.prompt, job.prompt_id,
+                                 {**job.extra_data, **job.sensitive, "preview_method": events.preview_method},
+                                 job.targets)
             result = backend.run(request, events, report=job.report, specs=specs)
         except WorkerLost:
             raise

@@ -13,25 +13,28 @@ from typing import Any
 import torch
 
 from diffusion import sample as sampling
-from diffusion.latent_preview import preview_image
+from diffusion.latent_preview import make_previewer
 from diffusion.samplers import SAMPLER_NAMES
 from diffusion.schedules import SCHEDULER_NAMES, calculate_sigmas
 from graph.runtime import current
+from nodes.folders import current_folders
 
 SEED_MAX = 0xFFFFFFFFFFFFFFFF
 Latent = dict[str, Any]
 
 
 def _callback(model: Any) -> sampling.StepCallback:
-    """Per step: honour an interrupt, then report progress with a preview of the denoised latent."""
+    """Per step: honour an interrupt, then report progress with a preview of the denoised latent
+    (the runtime's preview_method: TAESD from models/vae_approx, the latent2rgb projection, none)."""
     rt = current()
     rt.check_interrupt()
     family = getattr(getattr(getattr(model, "model", None), "family", None), "name", "sd1")
+    folders = rt.folders if rt.folders is not None else current_folders()
+    previewer = make_previewer(rt.preview_method, family, folders.dirs("vae_approx") if folders else (), rt.warn)
 
     def cb(step: int, total: int, x0: torch.Tensor, x: torch.Tensor) -> None:
         rt.check_interrupt()
-        preview = preview_image(x0, family) if x0.shape[1] == 4 else None
-        rt.progress(min(step + 1, total), total, preview)
+        rt.progress(min(step + 1, total), total, previewer(x0) if previewer is not None else None)
     return cb
 
 

@@ -7,6 +7,7 @@ from typing import Any
 
 from graph.cache import OutputCache
 from graph.events import EventLog
+from graph.runtime import current
 from graph.executor import Executor
 from nodes.registry import Registry
 
@@ -217,6 +218,22 @@ def test_progress_events_carry_node_id(executor: Executor, log: EventLog) -> Non
     executor.run({"1": {"class_type": "Steps", "inputs": {"steps": 3}},
                   "2": {"class_type": "Sink", "inputs": {"value": ["1", 0]}}})
     assert [(p["node"], p["value"], p["max"]) for p in log.of("progress")] == [("1", 1, 3), ("1", 2, 3), ("1", 3, 3)]
+
+
+def test_nodes_see_the_preview_method_of_the_run(executor: Executor) -> None:
+    seen: list[str] = []
+    testnodes.Steps.ON_STEP = [lambda i: seen.append(current().preview_method) if i == 0 else None]
+    try:
+        prompt = {"1": {"class_type": "Steps", "inputs": {"steps": 2}},
+                  "2": {"class_type": "Sink", "inputs": {"value": ["1", 0]}}}
+        executor.run(prompt)
+        executor.run({**prompt, "1": {"class_type": "Steps", "inputs": {"steps": 3}}},
+                     extra_data={"preview_method": "TAESD"})
+        executor.run({**prompt, "1": {"class_type": "Steps", "inputs": {"steps": 4}}},
+                     extra_data={"preview_method": "none"})
+    finally:
+        testnodes.Steps.ON_STEP = []
+    assert seen == ["auto", "taesd", "none"]
 
 
 def test_targets_run_only_what_they_need(executor: Executor, log: EventLog) -> None:

@@ -57,6 +57,25 @@ def test_progress_per_step_with_preview(model: ModelPatcher) -> None:
     assert out["samples"].shape == (1, 4, 8, 8)
 
 
+def test_preview_method_none_and_taesd(model: ModelPatcher, tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    from nodes.folders import ModelFolders
+    from tests.diffusion.test_taesd import original_layout
+
+    folders = ModelFolders(tmp_path)
+    (tmp_path / "models" / "vae_approx").mkdir(parents=True)
+    save_file(original_layout(), str(tmp_path / "models" / "vae_approx" / "taesd_decoder.safetensors"))
+    for method, size in (("none", None), ("auto", (64, 64)), ("latent2rgb", (8, 8))):
+        events: list[tuple[str, dict]] = []
+        rt = NodeRuntime(node_id="3", emit=lambda e, d: events.append((e, d)), folders=folders, preview_method=method)
+        with running(rt):
+            S.KSampler().sample(model, 5, 2, 6.0, "euler", "normal", _cond(1), _cond(2), _latent())
+        previews = [d["preview"] for e, d in events if e == "progress"]
+        assert len(previews) == 2
+        assert all((p is None) if size is None else p.size == size for p in previews), method
+
+
 def test_interrupt_between_steps(model: ModelPatcher) -> None:
     seen: list[int] = []
 
