@@ -191,8 +191,9 @@ SDXL_VAE_SCALE, SD_VAE_SCALE = 0.13025, 0.18215
 
 
 def guess_vae_scale(path: Path, metadata: dict[str, str]) -> float:
-    """SD1/SD2 and SDXL VAEs have identical shapes; the latent scale can only come from metadata or
-    the name (`sdxl_vae.safetensors`). SD's 0.18215 otherwise."""
+    """The `scaling_factor` written into a standalone VAE's diffusers config (for plugins that read
+    it; Easel's sampler scales by the MODEL's factor). SD1/SD2 and SDXL VAEs have identical shapes,
+    so it comes from metadata or the name (`sdxl_vae.safetensors`); SD's 0.18215 otherwise."""
     for key in ("scaling_factor", "modelspec.scaling_factor"):
         if key in metadata:
             try:
@@ -225,4 +226,4 @@ def load_vae(path: str | os.PathLike[str], config: devices.DeviceConfig | None =
     scale = scale_factor if scale_factor is not None else guess_vae_scale(path, meta)
     module = build_vae(sd, prefix, scale, devices.vae_dtype(config, device), path)
     return VAE(module, None, device, devices.offload_device(config), dtype=devices.vae_dtype(config, device),
-               scale_factor=scale, keep_loaded=not config.lowvram)
+               keep_loaded=not config.lowvram)

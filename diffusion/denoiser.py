@@ -123,9 +123,11 @@ def latent_mask(mask: Tensor, size: tuple[int, int], batch: int) -> Tensor:
 def encode_conditioning(conditioning: Sequence[Sequence[Any]], sampling: ModelSampling, latent_shape: Sequence[int],
                         is_sdxl: bool = False, pooled_dim: int = 0, inpaint: bool = False,
                         latent_image: Tensor | None = None, noise_mask: Tensor | None = None,
-                        name: str = "positive", device: torch.device | str = "cpu") -> list[CondEntry]:
+                        name: str = "positive", device: torch.device | str = "cpu",
+                        latent_scale: float = 1.0) -> list[CondEntry]:
     """CONDITIONING -> CondEntry list (see the module doc), tensors moved to `device` once.
-    `latent_shape` = [B, C, h, w]."""
+    `latent_shape` = [B, C, h, w]; `latent_image` is in the model's space (VAE latent times
+    `latent_scale`), a `concat_latent_image` key holds a VAE latent and is scaled here."""
     if not isinstance(conditioning, (list, tuple)):
         raise TypeError(f"diffusion.denoiser: {name} conditioning must be a list of [tensor, dict], "
                         f"got {type(conditioning).__name__}")
@@ -156,7 +158,7 @@ def encode_conditioning(conditioning: Sequence[Sequence[Any]], sampling: ModelSa
             time_ids = torch.tensor([ids], dtype=torch.float32)
         concat = None
         if inpaint:
-            concat = inpaint_concat(opts, latent_image, noise_mask, (b, h, w))
+            concat = inpaint_concat(opts, latent_image, noise_mask, (b, h, w), latent_scale)
         calls = opts.get("a1111_calls")
         and_weight = opts.get("a1111_and")
 
@@ -173,12 +175,14 @@ def encode_conditioning(conditioning: Sequence[Sequence[Any]], sampling: ModelSa
 
 
 def inpaint_concat(opts: dict, latent_image: Tensor | None, noise_mask: Tensor | None,
-                   bhw: tuple[int, int, int]) -> Tensor | None:
+                   bhw: tuple[int, int, int], latent_scale: float = 1.0) -> Tensor | None:
     """Inpainting-model input [B, 5, h, w]: mask (1 = repaint) + masked-image latent, from the cond's
     concat_mask / concat_latent_image (InpaintModelConditioning) or the LATENT's noise_mask and
     samples (VAEEncodeForInpaint). None: the model's text-to-image default (ones + grey latent)."""
     b, h, w = bhw
     image = opts.get("concat_latent_image")
+    if image is not None:
+        image = image.float() * latent_scale                # a VAE latent -> the model's space
     mask = opts.get("concat_mask", noise_mask)
     if image is None:
         image = latent_image if mask is not None else None

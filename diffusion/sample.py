@@ -12,7 +12,9 @@
    run re-patches only the weights whose records differ (a strength change costs one pass over
    the weights it touches, not a restore plus a patch), and the originals are kept aside until
    another patch set or `unpatch_model` needs them.
-The LATENT's samples are already scaled latents (VAE.encode multiplies by the scale factor).
+The LATENT's samples are VAE latents, as in ComfyUI: multiplied by the model's latent scale factor
+before sampling (process_latent_in) and divided after (process_latent_out); the step callback's x0
+and x are in the model's (scaled) space, which is what the previews expect.
 """
 from __future__ import annotations
 
@@ -137,12 +139,15 @@ def sample(model: Any, seed: int, steps: int, cfg: float, sampler_name: str | Sa
     sampling = model_sampling(model, quantize=(timesteps == "comfy"))
     latent_image = _fix_channels(latent["samples"].float().cpu(), int(getattr(dm, "latent_channels", 4)))
     out = dict(latent)
+    # LATENT holds VAE latents (ComfyUI): the model works on them times its scale factor
+    scale = float(getattr(dm, "latent_scale_factor", 1.0))
     if sigmas is None:
         sigmas = sigmas_for(sampling, choice.name, scheduler, int(steps), float(denoise))
     cut = cut_sigmas(sigmas.float().cpu(), start_step, end_step, not return_with_leftover_noise)
     if cut is None or len(cut) <= 1:
         out["samples"] = latent_image
         return out
+    latent_image = latent_image * scale                                  # process_latent_in
     sigmas = cut
     b = latent_image.shape[0]
     seeds: int | list[int] = int(seed) if noise_mode == "comfy" else noise_mod.a1111_seeds(int(seed), b)
@@ -161,7 +166,7 @@ def sample(model: Any, seed: int, steps: int, cfg: float, sampler_name: str | Sa
     raw_mask = latent.get("noise_mask")
     kw = dict(sampling=sampling, latent_shape=latent_image.shape, is_sdxl=bool(dm.family.is_sdxl),
               pooled_dim=int(getattr(dm, "pooled_dim", 0)), inpaint=bool(dm.family.inpaint),
-              latent_image=latent_image, noise_mask=raw_mask, device=target)
+              latent_image=latent_image, noise_mask=raw_mask, device=target, latent_scale=scale)
     pos = encode_conditioning(positive, name="positive", **kw)         # type: ignore[arg-type]
     neg = encode_conditioning(negative, name="negative", **kw)         # type: ignore[arg-type]
     denoiser: Any = CFGDenoiser(dm, sampling, pos, neg, cfg)
@@ -187,7 +192,7 @@ def sample(model: Any, seed: int, steps: int, cfg: float, sampler_name: str | Sa
 
     samples = fn(denoiser, x, sigmas.to(target), extra_args={"seed": seeds}, callback=k_callback,
                  disable=True, **options)
-    out["samples"] = samples.float().cpu()
+    out["samples"] = samples.float().cpu() / scale                       # process_latent_out
     return out
 
 
@@ -236,5 +241,6 @@ def sample_custom(guider: Guider, noise: NoiseSpec, sampler: SamplerChoice, sigm
     if "x0" not in last:
         return out, out
     denoised = dict(out)
-    denoised["samples"] = last["x0"].float().cpu()
+    scale = float(getattr(_diffusion_model(guider.model), "latent_scale_factor", 1.0))
+    denoised["samples"] = last["x0"].float().cpu() / scale               # the sampler's x0 is model space
     return out, denoised

@@ -1,7 +1,9 @@
-"""VAE: pixels [B, H, W, 3] in 0..1 <-> scaled latents [B, C, H/r, W/r] with a diffusers AutoencoderKL.
+"""VAE: pixels [B, H, W, 3] in 0..1 <-> VAE latents [B, C, H/r, W/r] with a diffusers AutoencoderKL.
 
-decode: z / scale_factor -> AutoencoderKL.decode -> (x + 1) / 2, clamped, as [B, H, W, 3] float32 on CPU.
-encode: pixels centre-cropped to a multiple of r -> 2x - 1 -> latent mean (deterministic) * scale_factor.
+decode: z -> AutoencoderKL.decode -> (x + 1) / 2, clamped, as [B, H, W, 3] float32 on CPU.
+encode: pixels centre-cropped to a multiple of r -> 2x - 1 -> latent mean (deterministic).
+LATENT values hold VAE latents, as in ComfyUI: the sampler multiplies them by the model's latent
+scale factor (0.18215 SD1/SD2, 0.13025 SDXL) and divides after, so a VAE never needs to know it.
 Tiled variants cut the input into overlapping tiles and blend the results with linear ramps over the
 overlap, so large images fit in little memory; decode falls back to tiles when the accelerator is out
 of memory.
@@ -22,7 +24,7 @@ MAX_PIXELS_PER_CHUNK = 4 * 1024 * 1024      # images decoded at once: about four
 class VAE:
     def __init__(self, module: AutoencoderKL, family: ModelFamily | None, load_device: torch.device | str,
                  offload_device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
-                 scale_factor: float | None = None, keep_loaded: bool = True) -> None:
+                 keep_loaded: bool = True) -> None:
         self.module = module.eval().requires_grad_(False)
         self.family = family
         self.load_device = torch.device(load_device)
@@ -31,8 +33,6 @@ class VAE:
         # torch's own .to: diffusers' override warns about dtype casts of modules it would keep in fp32
         torch.nn.Module.to(self.module, dtype=self.dtype)
         self.keep_loaded = keep_loaded        # False (lowvram): back to the offload device after each use
-        self.scale_factor = float(scale_factor if scale_factor is not None else
-                                  family.latent_scale_factor if family is not None else module.config.scaling_factor)
 
     # ComfyUI plugins look for these names
     @property
@@ -66,18 +66,18 @@ class VAE:
             self.offload()
 
     # --- raw passes on one chunk (device tensors in, device tensors out) --------------------------
-    def _decode_raw(self, z: torch.Tensor) -> torch.Tensor:          # [b, C, h, w] scaled -> [b, 3, H, W] in -1..1
-        z = (z / self.scale_factor).to(device=self.load_device, dtype=self.dtype)
+    def _decode_raw(self, z: torch.Tensor) -> torch.Tensor:          # [b, C, h, w] -> [b, 3, H, W] in -1..1
+        z = z.to(device=self.load_device, dtype=self.dtype)
         return self.module.decode(z, return_dict=False)[0].float()
 
-    def _encode_raw(self, x: torch.Tensor) -> torch.Tensor:          # [b, 3, H, W] in -1..1 -> [b, C, h, w] scaled
+    def _encode_raw(self, x: torch.Tensor) -> torch.Tensor:          # [b, 3, H, W] in -1..1 -> [b, C, h, w]
         x = x.to(device=self.load_device, dtype=self.dtype)
-        return self.module.encode(x, return_dict=False)[0].mode().float() * self.scale_factor
+        return self.module.encode(x, return_dict=False)[0].mode().float()
 
     # --- public API ------------------------------------------------------------------------------
     @torch.no_grad()
     def decode(self, samples: torch.Tensor) -> torch.Tensor:
-        """Latents [B, C, h, w] (scaled) -> images [B, H, W, 3] float32 in 0..1 on the CPU."""
+        """VAE latents [B, C, h, w] -> images [B, H, W, 3] float32 in 0..1 on the CPU."""
         self._check_latent(samples)
         self._load()
         try:
@@ -95,7 +95,7 @@ class VAE:
 
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Images [B, H, W, C>=3] in 0..1 -> scaled latents [B, C, H/r, W/r] (float32, CPU)."""
+        """Images [B, H, W, C>=3] in 0..1 -> VAE latents [B, C, H/r, W/r] (float32, CPU)."""
         x = self._prepare_pixels(pixels)
         self._load()
         try:

@@ -1,7 +1,7 @@
 """VAE nodes: VAEDecode, VAEEncode, VAEDecodeTiled, VAEEncodeTiled (ComfyUI names, inputs and order).
 
 Thin: each calls one method of `diffusion.vae.VAE` (decode [B,C,h,w] -> IMAGE [B,H,W,3] in 0..1,
-encode IMAGE -> scaled latent). Tile sizes and overlaps of the tiled nodes are in pixels, as in
+encode IMAGE -> VAE latent, unscaled as in ComfyUI). Tile sizes and overlaps of the tiled nodes are in pixels, as in
 ComfyUI; the temporal inputs exist for workflow compatibility and do nothing for image VAEs.
 """
 from __future__ import annotations

@@ -40,7 +40,7 @@ def test_decode_and_encode_shapes(vae):
 
 
 def test_tiled_decode_matches_full_when_one_tile_and_is_close_otherwise(vae):
-    samples = _latent(1, 12, 12)
+    samples = {"samples": _latent(1, 12, 12)["samples"] / 0.18215}     # VAE latents of the usual magnitude
     (full,) = vae_nodes.VAEDecode().decode(vae, samples)
     (one_tile,) = vae_nodes.VAEDecodeTiled().decode(vae, samples, tile_size=128, overlap=32)
     assert torch.allclose(one_tile, full, atol=1e-5)
