@@ -15,7 +15,8 @@ written either way ("text_model.encoder..." or "encoder...") to the name that ex
 Hidden state per family (prompts.md 7; `layer_idx` k < 0 is ComfyUI's CLIPSetLastLayer value,
 -1 = last layer, -2 = penultimate, transformers `hidden_states[k]`):
   sd1  l: default last layer; the final LayerNorm is applied to whichever layer is chosen.
-  sd2  h: default -2, final LayerNorm applied (the full 24-layer OpenCLIP-H is expected, as ComfyUI).
+  sd2  h: default -2, final LayerNorm applied; a 23-layer encoder (diffusers' SD2 folders drop the
+       last layer) is read with k shifted by one, so the default gives the same hidden state.
   sdxl l and g: default -2, no final LayerNorm; a clip skip applies the same k to both.
   |k| larger than the layer count means the last layer (ComfyUI).
 Pooled output: the final-LayerNorm state of the last layer at the first EOS of the first chunk,
@@ -50,6 +51,7 @@ log = logging.getLogger(__name__)
 ENCODER_KEYS = ("l", "h", "g")
 PAD_IDS = {"l": EOS, "h": 0, "g": 0}          # prompts.md 9: CLIP-L pads with EOS, OpenCLIP with 0
 PLACEHOLDER_ID = 0                            # input id at positions that carry an embedding vector
+SD2_TRUNCATED_LAYERS = 23                     # OpenCLIP-H (24 layers) as stored in diffusers SD2 folders
 Weighting = Literal["comfy", "a1111"]
 Tokens = dict[str, list[Chunk]]
 
@@ -277,6 +279,11 @@ class CLIP:
         default = {"sd1": None, "sd2": -2, "sdxl": -2}.get(name)
         layer_norm = name != "sdxl"
         idx = self.layer_idx if self.layer_idx is not None else default
+        if name == "sd2" and key == "h" and layers == SD2_TRUNCATED_LAYERS:
+            # diffusers' SD2 folders store OpenCLIP-H without its last layer: their last hidden
+            # state is the full model's penultimate one. k of the full model is k + 1 here; the
+            # full model's last layer (k = -1) does not exist, the nearest one is used.
+            idx = None if idx is None or idx >= -2 else idx + 1
         if idx is not None and -idx > layers:
             idx = None
         return idx, layer_norm

@@ -303,3 +303,28 @@ def test_embedding_files_through_diffusion_embeddings(tmp_path) -> None:
     tokens = xl.tokenize("embedding:sub/xlstyle")
     assert torch.equal(tokens["l"][0][3][0], vl[2]) and torch.equal(tokens["g"][0][1][0], vg[0])
     assert tokens["l"][0][4] == (EOS, 1.0) and tokens["g"][0][4] == (EOS, 1.0)
+
+
+def test_sd2_text_encoder_stored_without_its_last_layer_gives_the_same_hidden_state() -> None:
+    from transformers import CLIPTextModel
+
+    from diffusion.demo import clip_config
+
+    torch.manual_seed(0)
+    full = CLIPTextModel(clip_config("h", 32, layers=24)).eval()
+    cut = CLIPTextModel(clip_config("h", 32, layers=23)).eval()
+    state = {k: v for k, v in full.state_dict().items() if ".layers.23." not in k}
+    cut.load_state_dict(state)
+    fam = _components("sd2").family
+    a = CLIP({"h": full}, fam, "cpu", "cpu")
+    b = CLIP({"h": cut}, fam, "cpu", "cpu")
+    torch.testing.assert_close(b.encode("a cat")[0][0], a.encode("a cat")[0][0], rtol=0, atol=1e-6)
+    for k in (-3, -5):
+        a.clip_layer(k)
+        b.clip_layer(k)
+        torch.testing.assert_close(b.encode("a cat")[0][0], a.encode("a cat")[0][0], rtol=0, atol=1e-6)
+    a.clip_layer(-1)
+    b.clip_layer(-1)                                   # not stored: the nearest layer (the full -2)
+    a2 = CLIP({"h": full}, fam, "cpu", "cpu")
+    torch.testing.assert_close(b.encode("a cat")[0][0], a2.encode("a cat")[0][0], rtol=0, atol=1e-6)
+    assert not torch.allclose(a.encode("a cat")[0][0], a2.encode("a cat")[0][0])
