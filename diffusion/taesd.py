@@ -9,10 +9,12 @@ pickle (read by the safe unpickler of diffusion.state_dict). Two key layouts:
   diffusers index = original index - 1.
 The module is diffusers' `DecoderTiny` (we convert, we do not re-implement it). It decodes the
 model-space latents the sampler sees (no scale factor), clamped as tanh(x / 3) * 3, to RGB in 0..1
-at 8x the latent size.
+at 8x the latent size; previews are capped at 512 px (256 px when decoding on a CPU, where a
+512 px decode costs about a second) by area-averaging the latent first.
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 import threading
@@ -21,6 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from diffusers.models.autoencoders.vae import DecoderTiny
 from PIL import Image
 from torch import Tensor
@@ -32,6 +35,7 @@ from diffusion.state_dict import load_state_dict
 DECODER_NAMES = {"sd1": "taesd_decoder", "sd2": "taesd_decoder", "sdxl": "taesdxl_decoder"}
 EXTENSIONS = (".safetensors", ".pth", ".pt", ".ckpt", ".bin")
 MAX_PREVIEW = 512                      # longest side of a preview image (as ComfyUI)
+MAX_PREVIEW_CPU = 256                  # on a CPU: a 512 px TAESD decode costs ~1 s per step
 
 _ORIGINAL_KEY = re.compile(r"^(\d+)\.(.+)$")
 _cache: OrderedDict[tuple[str, int, int], DecoderTiny] = OrderedDict()
@@ -118,12 +122,20 @@ def load_decoder(path: str | os.PathLike[str]) -> DecoderTiny:
 
 
 @torch.no_grad()
-def decode_preview(decoder: DecoderTiny, latent: Tensor) -> Image.Image:
-    """First latent of the batch [B, C, h, w] -> PIL RGB at 8x, shrunk to MAX_PREVIEW on its long side."""
-    x = latent[:1].detach().float().cpu()
+def decode_preview(decoder: DecoderTiny, latent: Tensor, max_side: int | None = None) -> Image.Image:
+    """First latent of the batch [B, C, h, w] -> PIL RGB at 8x, at most `max_side` px on its long side
+    (default MAX_PREVIEW, MAX_PREVIEW_CPU for a decoder on the CPU). A latent larger than that is
+    area-averaged first, so the decode itself stays small."""
+    device = next(decoder.parameters()).device
+    limit = max_side or (MAX_PREVIEW_CPU if device.type == "cpu" else MAX_PREVIEW)
+    x = latent[:1].detach().float().to(device)
+    h, w = x.shape[-2:]
+    factor = math.ceil(max(h, w) * 8 / limit)
+    if factor > 1:                                     # [1, C, ceil(h/f), ceil(w/f)]
+        x = F.interpolate(x, size=(math.ceil(h / factor), math.ceil(w / factor)), mode="area")
     x = torch.tanh(x / 3.0) * 3.0                      # DecoderTiny.forward's clamp
     rgb = decoder.layers(x)[0].clamp(0, 1)             # [3, 8h, 8w] in 0..1
-    img = Image.fromarray((rgb.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy(), mode="RGB")
-    if max(img.size) > MAX_PREVIEW:
-        img.thumbnail((MAX_PREVIEW, MAX_PREVIEW))
+    img = Image.fromarray((rgb.permute(1, 2, 0) * 255).round().to(torch.uint8).cpu().numpy(), mode="RGB")
+    if max(img.size) > limit:
+        img.thumbnail((limit, limit))
     return img

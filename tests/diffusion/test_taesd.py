@@ -91,8 +91,16 @@ def test_diffusers_layout_and_large_previews(tmp_path: Path) -> None:
     assert path == tmp_path / "taesdxl_decoder.safetensors"
     assert taesd.find_decoder("sd1", [tmp_path]) is None
     z = torch.randn(2, 4, 96, 80, generator=torch.Generator().manual_seed(3))
-    img = taesd.decode_preview(taesd.load_decoder(path), z)
-    assert img.size == (427, 512)                     # 640x768 shrunk to 512 on the long side
+    dec = taesd.load_decoder(path)
+    # 768x640 would cost a full decode; on a CPU the latent is area-averaged 3x first (32x27 -> 256x216)
+    assert taesd.decode_preview(dec, z).size == (216, 256)
+    assert taesd.decode_preview(dec, z, max_side=512).size == (320, 384)     # 2x: 48x40 -> 384x320
+    small = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():                             # under the cap: the latent is decoded as it is
+        want = dec.layers(torch.tanh(small / 3) * 3)[0].clamp(0, 1)
+    got = torch.tensor(list(taesd.decode_preview(dec, small).getdata()), dtype=torch.float32).reshape(64, 64, 3)
+    assert (got - (want.permute(1, 2, 0) * 255).round()).abs().max() <= 0
+
     assert taesd.load_decoder(path) is taesd.load_decoder(path)   # read once per file version
 
 
