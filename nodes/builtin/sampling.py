@@ -23,7 +23,7 @@ SEED_MAX = 0xFFFFFFFFFFFFFFFF
 Latent = dict[str, Any]
 
 
-def _callback(model: Any) -> sampling.StepCallback:
+def step_callback(model: Any) -> sampling.StepCallback:
     """Per step: honour an interrupt, then report progress with a preview of the denoised latent
     (the runtime's preview_method: TAESD from models/vae_approx, the latent2rgb projection, none)."""
     rt = current()
@@ -70,7 +70,7 @@ class KSampler:
     def sample(self, model: Any, seed: int, steps: int, cfg: float, sampler_name: str, scheduler: str,
                positive: list, negative: list, latent_image: Latent, denoise: float = 1.0) -> tuple[Latent]:
         return (sampling.sample(model, seed, steps, cfg, sampler_name, scheduler, positive, negative,
-                                latent_image, denoise=denoise, callback=_callback(model)),)
+                                latent_image, denoise=denoise, callback=step_callback(model)),)
 
 
 class KSamplerAdvanced:
@@ -100,7 +100,7 @@ class KSamplerAdvanced:
                                 latent_image, denoise=denoise, start_step=start_at_step, end_step=end_at_step,
                                 add_noise=add_noise != "disable",
                                 return_with_leftover_noise=return_with_leftover_noise == "enable",
-                                callback=_callback(model)),)
+                                callback=step_callback(model)),)
 
 
 class KSamplerSelect:
@@ -238,7 +238,7 @@ class SamplerCustom:
                sampler: sampling.SamplerChoice, sigmas: torch.Tensor, latent_image: Latent) -> tuple[Latent, Latent]:
         guider = sampling.Guider(model, positive, negative, float(cfg))
         noise = sampling.NoiseSpec(int(noise_seed), enabled=bool(add_noise))
-        return sampling.sample_custom(guider, noise, sampler, sigmas, latent_image, callback=_callback(model))
+        return sampling.sample_custom(guider, noise, sampler, sigmas, latent_image, callback=step_callback(model))
 
 
 class SamplerCustomAdvanced:
@@ -259,7 +259,7 @@ class SamplerCustomAdvanced:
 
     def sample(self, noise: sampling.NoiseSpec, guider: sampling.Guider, sampler: sampling.SamplerChoice,
                sigmas: torch.Tensor, latent_image: Latent) -> tuple[Latent, Latent]:
-        return sampling.sample_custom(guider, noise, sampler, sigmas, latent_image, callback=_callback(guider.model))
+        return sampling.sample_custom(guider, noise, sampler, sigmas, latent_image, callback=step_callback(guider.model))
 
 
 NODE_CLASS_MAPPINGS = {
