@@ -156,22 +156,27 @@ def mark_offloaded(owner: object) -> None:
         _order.remove(id(owner))
 
 
-def make_room(device: torch.device, needed: int, keep: object | None = None) -> None:
-    """Offload the least recently used models on `device` until `needed` bytes (+ a reserve) are free.
-    Does nothing on the CPU (no accelerator memory to share)."""
-    free = free_memory(device)
-    if free is None:
-        return
-    for key in _order:
-        if free >= needed + RESERVE_BYTES:
+def make_room(device: torch.device, needed: int, keep: object | None = None,
+              free: Callable[[torch.device], int | None] = free_memory) -> list[int]:
+    """Offload the least recently used models on `device` until `needed` bytes (+ a reserve) are free;
+    returns the keys (ids of owners) it offloaded. Does nothing on the CPU (no accelerator memory to
+    share). `free` measures the device's free bytes (torch's view of it by default)."""
+    available = free(device)
+    done: list[int] = []
+    if available is None:
+        return done
+    for key in list(_order):
+        if available >= needed + RESERVE_BYTES:
             break
         dev, _nbytes, offload = _loaded[key]
         if dev != device or (keep is not None and key == id(keep)):
             continue
         offload()                                             # type: ignore[operator]
         mark_offloaded_key(key)
+        done.append(key)
         empty_cache(device)
-        free = free_memory(device) or 0
+        available = free(device) or 0
+    return done
 
 
 def mark_offloaded_key(key: int) -> None:

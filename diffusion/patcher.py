@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from diffusion import devices
 from diffusion.attention_hooks import HOOK_KINDS, KVHookProcessor, attention_modules
 from diffusion.weight_patch import (DELTA_CACHE, DeltaCache, FullDiff, WeightAdapter, WeightPatch,
                                     _as_adapter, compute_patched, identity_token)
@@ -90,6 +91,44 @@ def _copy_options(options: Mapping[str, Any]) -> dict[str, Any]:
     for k, v in options.items():
         out[k] = list(v) if isinstance(v, list) else (_copy_options(v) if isinstance(v, dict) else copy.copy(v))
     return out
+
+
+def _remove_hooks(model: torch.nn.Module, st: _ModuleState) -> None:
+    if st.processors:
+        mods = {name: mod for kind in HOOK_KINDS for name, mod in attention_modules(model, kind)}
+        for name, proc in st.processors.items():
+            if name in mods:
+                mods[name].set_processor(proc)
+        st.processors.clear()
+    st.hooks_sig = ()
+
+
+@torch.no_grad()
+def offload_module(model: torch.nn.Module, device: torch.device) -> None:
+    """Unpatch a module (originals back, bit-exact; hooks removed) and move it to `device`; what
+    `devices.make_room` calls when another model needs the accelerator's memory. The next
+    `patch_model` moves it back and re-patches."""
+    st = _state(model)
+    with st.lock:
+        params = dict(model.named_parameters())
+        for key in list(st.applied):
+            orig = st.originals.pop(key, None)
+            st.applied.pop(key, None)
+            if orig is not None:
+                params[key].data = orig               # the backup on the offload device (or the tensor itself)
+        _remove_hooks(model, st)
+        model.to(device)
+    devices.mark_offloaded(model)
+
+
+def _offloader(model: torch.nn.Module, device: torch.device) -> Callable[[], None]:
+    ref = weakref.ref(model)                          # the registry of loaded models must not keep it alive
+
+    def offload() -> None:
+        m = ref()
+        if m is not None:
+            offload_module(m, device)
+    return offload
 
 
 class ModelPatcher:
@@ -188,9 +227,13 @@ class ModelPatcher:
         st = _state(self.model)
         with st.lock:
             current = _module_device(self.model)
+            accelerator = not same_device(target, self.offload_device)
+            nbytes = devices.module_bytes(self.model) if accelerator else 0
             if current is not None and not same_device(current, target):
                 if st.applied:
                     self._restore_weights(st, list(st.applied))
+                if accelerator:                       # offload least recently used models first
+                    devices.make_room(target, nbytes, keep=self.model)
                 self.model.to(target)
             params = dict(self.model.named_parameters())
             for key in [k for k in st.applied if k not in self.patches or not self._effective(k)]:
@@ -220,6 +263,8 @@ class ModelPatcher:
                     p.data = new
                 st.applied[key] = sig
             self._install_hooks(st)
+            if accelerator:                           # (re)marks it most recently used
+                devices.mark_loaded(self.model, target, nbytes, _offloader(self.model, self.offload_device))
         return self.model
 
     def _effective(self, key: str) -> tuple[WeightPatch, ...]:
@@ -251,13 +296,7 @@ class ModelPatcher:
         st.hooks_sig = sig
 
     def _remove_hooks(self, st: _ModuleState) -> None:
-        if st.processors:
-            mods = {name: mod for kind in HOOK_KINDS for name, mod in attention_modules(self.model, kind)}
-            for name, proc in st.processors.items():
-                if name in mods:
-                    mods[name].set_processor(proc)
-            st.processors.clear()
-        st.hooks_sig = ()
+        _remove_hooks(self.model, st)
 
     @torch.no_grad()
     def unpatch_model(self, offload: bool = False) -> None:

@@ -10,6 +10,7 @@ of memory.
 """
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -54,7 +55,8 @@ class VAE:
         if next(self.module.parameters()).device != self.load_device:
             devices.make_room(self.load_device, nbytes, keep=self)
             torch.nn.Module.to(self.module, device=self.load_device)
-        devices.mark_loaded(self, self.load_device, nbytes, self.offload)
+        ref = weakref.WeakMethod(self.offload)     # the registry of loaded models must not keep it alive
+        devices.mark_loaded(self, self.load_device, nbytes, lambda: None if (fn := ref()) is None else fn())
 
     def offload(self) -> None:
         """Move the weights to the offload device (called when another model needs the memory)."""

@@ -326,3 +326,55 @@ def test_cache_size_counts_the_shared_module_once():
     assert estimate_bytes(clone.clone()) == adapter_bytes
     pair = [base, clone]
     assert estimate_bytes(pair) == module_bytes + adapter_bytes + sys.getsizeof(pair)
+
+
+def test_offload_module_unpatches_bitwise_and_patch_model_brings_it_back():
+    m = small_module()
+    ref = snapshot(m)
+    p = ModelPatcher(m, "cpu", "cpu")
+    q = p.clone()
+    q.add_patches({"0.weight": lora_for((24, 16), 11)}, 0.7, "a")
+    q.patch_model()
+    patched = m[0].weight.detach().clone()
+    assert q.is_patched() and not torch.equal(patched, ref["0.weight"])
+    from diffusion.patcher import offload_module
+    offload_module(m, torch.device("cpu"))
+    assert bit_equal(m, ref) and not q.is_patched()
+    q.patch_model()
+    assert torch.equal(m[0].weight, patched)
+
+
+def test_make_room_offloads_least_recently_used_first_and_keeps_the_caller():
+    import gc
+    import weakref
+
+    from diffusion import devices
+    from diffusion.patcher import _offloader
+
+    dev = torch.device("cuda", 7)                     # only a key here: nothing is allocated on it
+    owners = [object(), object(), object()]
+    offloaded: list[int] = []
+    free = {"bytes": 0}
+    for i, o in enumerate(owners):
+        def off(i: int = i) -> None:
+            offloaded.append(i)
+            free["bytes"] += 3 << 30                  # each model frees 3 GiB
+        devices.mark_loaded(o, dev, 3 << 30, off)
+    devices.mark_loaded(owners[0], dev, 3 << 30, devices._loaded[id(owners[0])][2])   # 0 used again: newest
+    try:
+        done = devices.make_room(dev, 4 << 30, keep=owners[1], free=lambda d: free["bytes"])
+        # order of use is 1, 2, 0; 1 is the caller: 2 then 0 go until 4 GiB + the reserve are free
+        assert offloaded == [2, 0] and done == [id(owners[2]), id(owners[0])]
+        assert id(owners[1]) in devices._loaded and id(owners[2]) not in devices._loaded
+        assert devices.make_room(dev, 1 << 40, free=lambda d: None) == []    # no accelerator: nothing
+    finally:
+        for o in owners:
+            devices.mark_offloaded(o)
+    # the offload callable of a module does not keep the module alive
+    m = small_module()
+    alive = weakref.ref(m)
+    fn = _offloader(m, torch.device("cpu"))
+    del m
+    gc.collect()
+    assert alive() is None
+    fn()                                              # a dead module: nothing to do
