@@ -1,19 +1,28 @@
-"""Plugins: import every package or `.py` file in `custom_nodes/` folders (protocol.md 6.1).
+"""Plugins: import every package or `.py` file in `custom_nodes/` folders (protocol.md 6.1, 7).
 
 Each entry of a plugin folder is a candidate: a directory (imported as a package from its
 `__init__.py`, so relative imports work) or a `*.py` file. Skipped: `__pycache__`, hidden names,
 names ending in `.disabled`, other files. Before importing, `nodes/comfy_compat/` is put on
 `sys.path`, so `import folder_paths`, `import comfy.utils`, `import comfy.model_management`,
-`from comfy_execution.graph_utils import GraphBuilder` and `import node_helpers` resolve to Easel's
-thin forwarding modules (`from server import PromptServer` resolves to
-`server.prompt_server_compat`, exported by the `server` package).
+`from comfy_execution.graph_utils import GraphBuilder`, `import node_helpers` and
+`from comfy_api.latest import ComfyExtension, io, ui` resolve to Easel's thin modules
+(`from server import PromptServer` resolves to `server.prompt_server_compat`, exported by the
+`server` package).
+
+Before any plugin of the folders is imported, each package's `prestartup_script.py` runs (once per
+process, as ComfyUI runs them once at start-up); an exception there is logged with the file,
+recorded in `PluginReport.prestartup` and `warnings`, and the plugin still loads.
 
 After a successful import: `WEB_DIRECTORY` (or `[tool.comfy] web` in the plugin's pyproject.toml)
 is registered in `registry.web_dirs` under the plugin name; every `NODE_CLASS_MAPPINGS` entry is
-registered with its `NODE_DISPLAY_NAME_MAPPINGS` name and `python_module = "custom_nodes.<name>"`.
-A plugin cannot replace a built-in node (the built-in stays, a warning names both); a later plugin
-may replace an earlier plugin's node (with a warning naming both). An import error is recorded with
-its traceback and the time spent, and the next plugin loads.
+registered with its `NODE_DISPLAY_NAME_MAPPINGS` name and `python_module = "custom_nodes.<name>"`
+(a V3 `io.ComfyNode` class listed there is adapted, see `nodes/v3_adapter.py`). A module without
+NODE_CLASS_MAPPINGS but with a callable `comfy_entrypoint` is a V3 plugin: the entrypoint,
+`on_load()` and `get_node_list()` are awaited and each class is adapted and registered under
+`schema.node_id` with `schema.display_name`. A plugin cannot replace a built-in node (the built-in
+stays, a warning names both); a later plugin may replace an earlier plugin's node (with a warning
+naming both). An import or entrypoint error is recorded with its traceback and the time spent, and
+the next plugin loads.
 """
 from __future__ import annotations
 
@@ -29,6 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Protocol
+
+from nodes import v3_adapter
 
 log = logging.getLogger("easel.plugins")
 
@@ -67,10 +78,26 @@ class PluginResult:
         return self.error is None
 
 
+@dataclass(frozen=True)
+class PrestartupResult:
+    """One `prestartup_script.py`: how long it ran and why it failed, if it did."""
+
+    plugin: str
+    path: Path
+    seconds: float
+    error: str | None = None
+    traceback: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
 @dataclass
 class PluginReport:
     results: list[PluginResult] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    prestartup: list[PrestartupResult] = field(default_factory=list)
 
     @property
     def loaded(self) -> list[PluginResult]:
@@ -85,6 +112,13 @@ class PluginReport:
         lines = ["Import times for custom nodes:"]
         for r in sorted(self.results, key=lambda r: r.seconds):
             lines.append(f"{r.seconds:6.1f} seconds{'' if r.ok else ' (IMPORT FAILED)'}: {r.path}")
+        return "\n".join(lines)
+
+    def prestartup_table(self) -> str:
+        """ComfyUI's prestartup table: one line per script, slowest last."""
+        lines = ["Prestartup times for custom nodes:"]
+        for r in sorted(self.prestartup, key=lambda r: r.seconds):
+            lines.append(f"{r.seconds:6.1f} seconds{'' if r.ok else ' (PRESTARTUP FAILED)'}: {r.path.parent}")
         return "\n".join(lines)
 
 
@@ -158,36 +192,65 @@ def _web_dir(module: ModuleType, entry: Path) -> Path | None:
     return None
 
 
+def _register_one(node_name: str, cls: type, display: str | None, plugin: str, registry: PluginRegistry,
+                  owners: dict[str, str], warnings: list[str]) -> bool:
+    """Register one node class unless it would replace a built-in; False when refused."""
+    if registry.is_builtin(node_name):
+        builtin = registry.get(node_name)
+        warnings.append(f"plugin {plugin}: node {node_name!r} ({cls.__module__}.{cls.__qualname__}) would "
+                        f"replace the built-in node {node_name!r} "
+                        f"({getattr(builtin, '__module__', '?')}.{getattr(builtin, '__qualname__', '?')}); "
+                        "the built-in is kept")
+        return False
+    if node_name in owners and owners[node_name] != plugin:
+        warnings.append(f"plugin {plugin}: node {node_name!r} replaces the node of the same name from "
+                        f"plugin {owners[node_name]}")
+    python_module = f"custom_nodes.{plugin}"
+    targets: list[Any] = [cls, getattr(cls, "V3_NODE", None)]     # an adapted V3 class: its V3 class too
+    for target in targets:
+        if target is not None:
+            try:
+                target.RELATIVE_PYTHON_MODULE = python_module
+            except (AttributeError, TypeError):
+                pass
+    registry.register(node_name, cls, display, python_module=python_module, builtin=False)
+    owners[node_name] = plugin
+    return True
+
+
 def _register_nodes(module: ModuleType, plugin: str, registry: PluginRegistry, owners: dict[str, str],
                     warnings: list[str]) -> list[str]:
     mappings: dict[str, Any] = module.NODE_CLASS_MAPPINGS
     display = getattr(module, "NODE_DISPLAY_NAME_MAPPINGS", None) or {}
-    python_module = f"custom_nodes.{plugin}"
-    added = []
+    found: list[tuple[str, type, str | None]] = []
     for node_name, cls in mappings.items():
+        shown = display.get(node_name)
+        if v3_adapter.is_v3_node(cls):                  # a V3 class listed in NODE_CLASS_MAPPINGS
+            _, v3_display, cls = v3_adapter.adapt(cls)
+            shown = shown or v3_display
         missing = [a for a in REQUIRED_NODE_ATTRS if not hasattr(cls, a)]
         if not isinstance(cls, type) or missing:
             warnings.append(f"plugin {plugin}: node {node_name!r} skipped: not a node class "
                             f"(missing {', '.join(missing) or 'class'})")
             continue
-        if registry.is_builtin(node_name):
-            builtin = registry.get(node_name)
-            warnings.append(f"plugin {plugin}: node {node_name!r} ({cls.__module__}.{cls.__qualname__}) would "
-                            f"replace the built-in node {node_name!r} "
-                            f"({getattr(builtin, '__module__', '?')}.{getattr(builtin, '__qualname__', '?')}); "
-                            "the built-in is kept")
+        found.append((node_name, cls, shown))
+    return [name for name, cls, shown in found
+            if _register_one(name, cls, shown, plugin, registry, owners, warnings)]
+
+
+def _register_v3(classes: list[Any], plugin: str, registry: PluginRegistry, owners: dict[str, str],
+                 warnings: list[str]) -> list[str]:
+    """Adapt every class get_node_list() gave (all first, so a broken schema registers nothing)."""
+    found: list[tuple[str, type, str | None]] = []
+    for cls in classes:
+        if not v3_adapter.is_v3_node(cls):
+            warnings.append(f"plugin {plugin}: get_node_list() item {cls!r} skipped: not a V3 node class "
+                            "(an io.ComfyNode subclass)")
             continue
-        if node_name in owners and owners[node_name] != plugin:
-            warnings.append(f"plugin {plugin}: node {node_name!r} replaces the node of the same name from "
-                            f"plugin {owners[node_name]}")
-        try:
-            cls.RELATIVE_PYTHON_MODULE = python_module
-        except (AttributeError, TypeError):
-            pass
-        registry.register(node_name, cls, display.get(node_name), python_module=python_module, builtin=False)
-        owners[node_name] = plugin
-        added.append(node_name)
-    return added
+        node_id, display, classic = v3_adapter.adapt(cls)
+        found.append((node_id, classic, display))
+    return [name for name, cls, shown in found
+            if _register_one(name, cls, shown, plugin, registry, owners, warnings)]
 
 
 def load_plugin(entry: Path, registry: PluginRegistry, owners: dict[str, str],
@@ -220,14 +283,58 @@ def load_plugin(entry: Path, registry: PluginRegistry, owners: dict[str, str],
             return PluginResult(plugin, entry, seconds, web_dir=web, error=f"{type(err).__name__}: {err}",
                                 traceback=tb)
         return PluginResult(plugin, entry, seconds, tuple(added), web)
-    if callable(getattr(module, "comfy_entrypoint", None)):
-        reason = "V3 plugins (comfy_entrypoint) are not supported; only the classic NODE_CLASS_MAPPINGS API"
+    entrypoint = getattr(module, "comfy_entrypoint", None)
+    if callable(entrypoint):
+        try:
+            added = _register_v3(v3_adapter.load_extension(entrypoint), plugin, registry, owners, warnings)
+        except (Exception, SystemExit) as err:  # noqa: BLE001 - a plugin's own error fails only that plugin
+            tb = traceback.format_exc()
+            log.error("Error while calling comfy_entrypoint in %s: %s\n%s", entry, err, tb)
+            return PluginResult(plugin, entry, time.perf_counter() - start, web_dir=web,
+                                error=f"{type(err).__name__}: {err}", traceback=tb)
+        return PluginResult(plugin, entry, time.perf_counter() - start, tuple(added), web)
+    if entrypoint is not None:
+        reason = "comfy_entrypoint is not callable"
     elif web is not None:
         return PluginResult(plugin, entry, seconds, (), web)      # a web-only package
     else:
         reason = "no NODE_CLASS_MAPPINGS dict (need one)"
     log.warning("Skip %s module for custom nodes: %s", entry, reason)
     return PluginResult(plugin, entry, seconds, web_dir=web, error=reason)
+
+
+_PRESTARTUP_DONE: dict[Path, PrestartupResult] = {}
+
+
+def _run_prestartup(plugin: str, script: Path) -> PrestartupResult:
+    start = time.perf_counter()
+    name = "custom_nodes_prestartup." + re.sub(r"\W", "_", plugin)
+    try:
+        spec = importlib.util.spec_from_file_location(name, script)
+        if spec is None or spec.loader is None:
+            raise ImportError(f"cannot create an import spec for {script}")
+        spec.loader.exec_module(importlib.util.module_from_spec(spec))
+    except (Exception, SystemExit) as err:  # noqa: BLE001 - ComfyUI goes on after a failed script too
+        tb = traceback.format_exc()
+        log.error("Failed to execute startup-script: %s / %s\n%s", script, err, tb)
+        return PrestartupResult(plugin, script, time.perf_counter() - start, f"{type(err).__name__}: {err}", tb)
+    return PrestartupResult(plugin, script, time.perf_counter() - start)
+
+
+def run_prestartup_scripts(folders: Sequence[Path]) -> list[PrestartupResult]:
+    """Run each plugin package's `prestartup_script.py`, once per process (later calls report the
+    first run); call after install_compat_modules() so the scripts can import the compat modules."""
+    results = []
+    for folder in folders:
+        for entry in plugin_candidates(folder):
+            script = entry / "prestartup_script.py"
+            if not entry.is_dir() or not script.is_file():
+                continue
+            key = script.resolve()
+            if key not in _PRESTARTUP_DONE:
+                _PRESTARTUP_DONE[key] = _run_prestartup(entry.name, script)
+            results.append(_PRESTARTUP_DONE[key])
+    return results
 
 
 def load_plugins(dirs: Sequence[str | Path], registry: PluginRegistry) -> PluginReport:
@@ -237,6 +344,13 @@ def load_plugins(dirs: Sequence[str | Path], registry: PluginRegistry) -> Plugin
     PLUGIN_DIRS[:] = folders
     report = PluginReport()
     owners: dict[str, str] = {}
+    report.prestartup = run_prestartup_scripts([f for f in folders if f.is_dir()])
+    for done in report.prestartup:
+        if not done.ok:
+            report.warnings.append(f"plugin {done.plugin}: {done.path} failed ({done.error}); "
+                                   "the plugin is loaded anyway")
+    if report.prestartup:
+        log.info("%s", report.prestartup_table())
     for folder in folders:
         if not folder.is_dir():
             report.warnings.append(f"plugin folder {folder} does not exist")
