@@ -65,6 +65,8 @@ def _input_section(types: Mapping[str, Any], section: str) -> dict[str, InputSpe
             kind, opts = spec, {}
         if isinstance(kind, tuple):
             kind = list(kind)
+        if kind == "COMBO" and isinstance(opts.get("options"), (list, tuple)):
+            kind = list(opts["options"])      # the newer combo form (V3 nodes): checked like a list
         out[name] = InputSpec(name, kind, opts, section)
     return out
 

@@ -5,8 +5,11 @@ from typing import Any
 
 import pytest
 
+from graph.cache import OutputCache
+from graph.events import EventLog
 from graph.executor import Executor
 from graph.workflow import WorkflowFormatError, check_api_prompt
+from nodes.registry import Registry
 
 
 def node_error(report: Any, node_id: str) -> dict[str, Any]:
@@ -94,6 +97,29 @@ def test_combo_value_not_in_list(executor: Executor) -> None:
     assert err["type"] == "value_not_in_list"
     assert err["extra_info"]["input_name"] == "mode"
     assert "'medium' not in" in err["details"]
+
+
+def test_newer_combo_form_is_checked_like_a_list(registry: Registry, log: EventLog) -> None:
+    class Pick:
+        CATEGORY = "test"
+        FUNCTION = "run"
+        RETURN_TYPES = ("STRING",)
+
+        @classmethod
+        def INPUT_TYPES(cls) -> dict:
+            return {"required": {"choice": ("COMBO", {"options": ["a", "b"], "default": "a"})}}
+
+        def run(self, choice: str) -> tuple[str]:
+            return (choice,)
+
+    registry.register("Pick", Pick)
+    ex = Executor(registry, OutputCache(), log)
+    prompt = {"1": {"class_type": "Pick", "inputs": {"choice": "c"}},
+              "2": {"class_type": "Sink", "inputs": {"value": ["1", 0]}}}
+    err = node_error(ex.validate(prompt), "1")
+    assert err["type"] == "value_not_in_list" and err["extra_info"]["input_name"] == "choice"
+    prompt["1"]["inputs"]["choice"] = "b"
+    assert ex.validate(prompt).ok
 
 
 def test_link_to_missing_node(executor: Executor) -> None:
