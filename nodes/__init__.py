@@ -15,20 +15,18 @@ looked up here.
 from __future__ import annotations
 
 import importlib
-import pkgutil
 from typing import Any
 
 MAX_RESOLUTION = 16384
 
 
 def _builtin_mappings() -> tuple[dict[str, type], dict[str, str]]:
+    from nodes.registry import builtin_modules
+
     classes: dict[str, type] = {}
     names: dict[str, str] = {}
-    package = importlib.import_module("nodes.builtin")
-    for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
-        if info.name.startswith("_"):
-            continue
-        module = importlib.import_module(f"nodes.builtin.{info.name}")
+    for module_name in builtin_modules():
+        module = importlib.import_module(module_name)
         classes.update(getattr(module, "NODE_CLASS_MAPPINGS", {}))
         names.update(getattr(module, "NODE_DISPLAY_NAME_MAPPINGS", {}))
     return classes, names
