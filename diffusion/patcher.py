@@ -31,6 +31,7 @@ import torch
 
 from diffusion import devices
 from diffusion.attention_hooks import HOOK_KINDS, KVHookProcessor, attention_modules
+from diffusion.lowrank_kernel import LowrankBatch
 from diffusion.weight_patch import (DELTA_CACHE, DeltaCache, FullDiff, WeightAdapter, WeightPatch,
                                     _as_adapter, compute_patched, identity_token)
 
@@ -238,34 +239,43 @@ class ModelPatcher:
             params = dict(self.model.named_parameters())
             for key in [k for k in st.applied if k not in self.patches or not self._effective(k)]:
                 self._restore_weights(st, [key], params)
-            for key, recs in self.patches.items():
-                eff = self._effective(key)
-                if not eff:
-                    continue
-                sig = tuple(r.signature() for r in eff)
-                if st.applied.get(key) == sig:
-                    continue
-                p = params[key]
-                orig = st.originals.get(key)
-                if orig is None:
-                    # the original tensor object is kept as it is (no copy) when it lives on the
-                    # offload device; a weight on the accelerator is backed up to the offload device
-                    src = p.data
-                    st.originals[key] = src if same_device(p.device, self.offload_device) else src.to(self.offload_device, copy=True)
-                    reuse = None
-                else:
-                    src = orig if orig.device == p.device else orig.to(p.device)
-                    # p.data is our own earlier patched tensor: overwrite it instead of allocating
-                    reuse = p.data if (key in st.applied and p.data is not orig and p.data.shape == src.shape
-                                       and p.data.dtype == src.dtype and p.data.device == src.device) else None
-                new = compute_patched(src, eff, out=reuse)
-                if new is not p.data:
-                    p.data = new
-                st.applied[key] = sig
+            batch = LowrankBatch()        # plain LoRA factors of CPU weights: one fused kernel call
+            try:
+                self._patch_weights(st, params, batch)
+            finally:
+                batch.run()               # even after an error: every queued weight gets its values
             self._install_hooks(st)
             if accelerator:                           # (re)marks it most recently used
                 devices.mark_loaded(self.model, target, nbytes, _offloader(self.model, self.offload_device))
         return self.model
+
+    def _patch_weights(self, st: _ModuleState, params: dict[str, torch.nn.Parameter], batch: LowrankBatch) -> None:
+        """Brings every patched parameter to its recorded patches (weights queued in `batch` are
+        written when it runs)."""
+        for key, recs in self.patches.items():
+            eff = self._effective(key)
+            if not eff:
+                continue
+            sig = tuple(r.signature() for r in eff)
+            if st.applied.get(key) == sig:
+                continue
+            p = params[key]
+            orig = st.originals.get(key)
+            if orig is None:
+                # the original tensor object is kept as it is (no copy) when it lives on the
+                # offload device; a weight on the accelerator is backed up to the offload device
+                src = p.data
+                st.originals[key] = src if same_device(p.device, self.offload_device) else src.to(self.offload_device, copy=True)
+                reuse = None
+            else:
+                src = orig if orig.device == p.device else orig.to(p.device)
+                # p.data is our own earlier patched tensor: overwrite it instead of allocating
+                reuse = p.data if (key in st.applied and p.data is not orig and p.data.shape == src.shape
+                                   and p.data.dtype == src.dtype and p.data.device == src.device) else None
+            new = compute_patched(src, eff, out=reuse, batch=batch)
+            if new is not p.data:
+                p.data = new
+            st.applied[key] = sig
 
     def _effective(self, key: str) -> tuple[WeightPatch, ...]:
         return tuple(r for r in self.patches.get(key, ()) if r.strength != 0)

@@ -4,8 +4,9 @@
 - `identity_token(obj)`: a process-unique number per object (never reused, unlike `id()`), for
   fingerprints and cache keys.
 - `compute_patched(W0, records)`: `cast(W0 + sum_i m_i dW_i)` accumulated in fp32; `W0` is never
-  modified. Plain low-rank factors are applied with a fused `addmm` (`W0 + c * up @ down`, no full
-  delta in memory); a bf16/fp16 CPU weight goes through fp32 a block of rows at a time
+  modified. Plain low-rank factors of CPU weights go to the fused one-pass kernel
+  (diffusion.lowrank_kernel) when it is available; otherwise, and on accelerators, a fused `addmm`
+  (`W0 + c * up @ down`, no full delta in memory); without the kernel a bf16/fp16 CPU weight goes through fp32 a block of rows at a time
   (`BLOCK_BYTES`); deltas that are expensive to build (LoHa, LoKr, Tucker, DoRA) are kept in a
   byte-bounded LRU, `DELTA_CACHE` (`EASEL_DELTA_CACHE_MB`, default 2048).
 """
@@ -21,6 +22,9 @@ from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import torch
+
+from diffusion import lowrank_kernel
+from diffusion.lowrank_kernel import LowrankBatch
 
 
 @runtime_checkable
@@ -234,12 +238,23 @@ def _patched_lowrank_blocked(original: torch.Tensor, terms: Sequence[tuple[torch
 
 
 def compute_patched(original: torch.Tensor, records: Sequence[WeightPatch],
-                    cache: DeltaCache | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                    cache: DeltaCache | None = None, out: torch.Tensor | None = None,
+                    batch: LowrankBatch | None = None) -> torch.Tensor:
     """`cast(W0 + sum m_i dW_i)` accumulated in fp32; `original` is never modified.
 
     `out` (same shape, dtype and device as `original`, not `original` itself): write the result
-    there instead of allocating (a re-patch reuses the storage of the previous patched weight)."""
+    there instead of allocating (a re-patch reuses the storage of the previous patched weight).
+    `batch`: a CPU weight whose records are all plain low-rank pairs is queued there for the fused
+    kernel (diffusion.lowrank_kernel) and the returned tensor holds the result only after
+    `batch.run()`; anything else is computed here."""
     cache = DELTA_CACHE if cache is None else cache
+    if batch is not None and not CACHE_LOWRANK and lowrank_kernel.supports(original) \
+            and (out is None or out.is_contiguous()):
+        terms = _lowrank_terms(original, records)
+        if terms:
+            dest = out if out is not None else torch.empty_like(original, memory_format=torch.contiguous_format)
+            batch.add(original, dest, terms, reused=out is not None)
+            return dest
     fp32 = original.dtype == torch.float32
     if not fp32 and original.device.type == "cpu" and original.dim() >= 2 and not CACHE_LOWRANK \
             and (out is None or out.is_contiguous()):
