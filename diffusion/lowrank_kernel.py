@@ -58,15 +58,18 @@ def _compiler() -> str | None:
 
 
 def _cpu_id() -> str:
-    """Identifies the instruction set -march=native compiles for (a shared cache must not mix CPUs)."""
+    """Identifies the instruction set -march=native compiles for (a shared cache must not mix CPUs:
+    the same model name can come with different features, e.g. AVX-512 hidden by a hypervisor)."""
+    found: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith(("flags", "Features", "model name")):
-                    return line
+                name = line.split(":", 1)[0].strip()
+                if name in ("model name", "flags", "Features", "CPU part") and name not in found:
+                    found[name] = line.strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return "\n".join(found.values()) or (platform.processor() or platform.machine())
 
 
 def _cache_dir() -> Path:
@@ -87,9 +90,9 @@ def _build(cc: str) -> Path:
             return target
         try:
             d.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(suffix=suffix, dir=d)
         except OSError:
-            continue
-        fd, tmp = tempfile.mkstemp(suffix=suffix, dir=d)
+            continue                            # not writable: try the next place
         os.close(fd)
         try:
             res = subprocess.run([*cc.split(), *FLAGS, str(SOURCE), "-o", tmp],
@@ -144,7 +147,7 @@ def unavailable_reason() -> str | None:
 
 def supports(weight: torch.Tensor) -> bool:
     """Whether the kernel can patch `weight` (CPU, contiguous, fp32/bf16/fp16, at least 2-D)."""
-    if weight.device.type != "cpu" or weight.dim() < 2 or not weight.is_contiguous():
+    if weight.device.type != "cpu" or weight.dim() < 2 or weight.numel() == 0 or not weight.is_contiguous():
         return False
     if weight.dtype not in DTYPES:
         return False
@@ -179,8 +182,16 @@ class LowrankBatch:
                 or not dest.is_contiguous() or not supports(original):
             raise ValueError(f"kernel cannot write weight {tuple(original.shape)} {original.dtype} into "
                              f"{tuple(dest.shape)} {dest.dtype}")
+        lo, hi = original.data_ptr(), original.data_ptr() + original.numel() * original.element_size()
+        if dest.data_ptr() < hi and lo < dest.data_ptr() + dest.numel() * dest.element_size():
+            raise ValueError("the destination overlaps the original weight's memory")
         rows = original.shape[0]
         cols = original.numel() // rows
+        for u, d, _ in terms:                   # up [rows, r, (1, 1)], down [r, cols or in, kh, kw]
+            r = d.shape[0] if d.dim() else 0
+            if u.shape[0] != rows or u.numel() != rows * r or d.numel() != r * cols:
+                raise ValueError(f"factors up {tuple(u.shape)} / down {tuple(d.shape)} do not fit weight "
+                                 f"{tuple(original.shape)}")
         # [rows, sum r]: each term's up times its coefficient; [sum r, cols]: the downs stacked
         if len(terms) == 1:
             u, d, scale = terms[0]
