@@ -7,8 +7,6 @@ and samplers), then times, as medians of several runs:
   first patch   load_lora (read + resolve, caches emptied) + patch_model of UNet and text encoder, as
                 the first LoRA on a loaded model: the patched weights need new memory (freed memory is
                 handed back to the OS with malloc_trim before each run, as in a fresh process)
-  first patch (recycled memory)  the same when the allocator still holds the pages of earlier
-                patched weights (no page faults): e.g. a LoRA added again after the model ran without
   unpatch       unpatch_model of both
   re-patch      load_lora with a new strength_model (file cached) + patch_model of the UNet, starting
                 from the model patched at the old strength (what a strength change costs: the
@@ -17,7 +15,10 @@ and samplers), then times, as medians of several runs:
 and the peak extra RSS of the first patch (VmHWM reset through /proc/self/clear_refs) against the size
 of the weights it patches. Targets: re-patch <= 25% of first patch; peak extra RSS <= 1.2x.
 
-    python benchmarks/lora.py [--runs 5] [--only lora|locon] [--cache-lowrank] [--dtype fp32|bf16|fp16]
+    python benchmarks/lora.py [--runs 5] [--only lora|locon] [--cache-lowrank] [--dtype fp32|bf16|fp16|auto]
+
+--dtype auto: the dtypes Easel itself picks on this machine's CPU (diffusion.devices: UNet bf16 where
+the CPU has native bf16, else fp32; text encoder fp32).
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ from diffusers import UNet2DConditionModel  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 
+from diffusion import devices  # noqa: E402
 from diffusion import lora as lora_mod  # noqa: E402
 from diffusion import lowrank_kernel  # noqa: E402
 from diffusion import weight_patch as patcher_mod  # noqa: E402
@@ -77,7 +79,7 @@ def random_fill(module: torch.nn.Module, seed: int) -> None:
         p.normal_(0.0, 0.02, generator=g)
 
 
-def build_sd15(dtype: torch.dtype = torch.float32) -> tuple[ModelPatcher, CLIP]:
+def build_sd15(dtype: torch.dtype = torch.float32, te_dtype: torch.dtype | None = None) -> tuple[ModelPatcher, CLIP]:
     with torch.device("meta"):
         unet = UNet2DConditionModel(sample_size=64, block_out_channels=(320, 640, 1280, 1280),
                                     cross_attention_dim=768, attention_head_dim=8, layers_per_block=2)
@@ -88,7 +90,7 @@ def build_sd15(dtype: torch.dtype = torch.float32) -> tuple[ModelPatcher, CLIP]:
     te = te.to_empty(device="cpu")
     random_fill(unet, 0)
     random_fill(te, 1)
-    unet, te = unet.to(dtype), te.to(dtype)
+    unet, te = unet.to(dtype), te.to(te_dtype or dtype)
     model = ModelPatcher(DiffusionModel(unet.eval(), SD1, "eps"), "cpu", "cpu")
     return model, CLIP({"l": te.eval()}, SD1, "cpu", "cpu")
 
@@ -147,7 +149,7 @@ def release_free_memory() -> None:
 
 
 def bench(name: str, file: Path, model: ModelPatcher, clip: CLIP, runs: int) -> dict[str, float]:
-    first, unpatch, repatch, peaks, ratio, cold, recycled = [], [], [], [], [], [], []
+    first, unpatch, repatch, peaks, ratio, cold = [], [], [], [], [], []
     size = 0
     clear_caches()
     base = rss_bytes()          # before any patching: memory kept by the allocator counts against us
@@ -179,27 +181,14 @@ def bench(name: str, file: Path, model: ModelPatcher, clip: CLIP, runs: int) -> 
         m3.patch_model()
         cold.append(time.perf_counter() - t0)
         m3.unpatch_model()
-        del m3
-        # a first patch again (caches emptied), now onto pages the allocator kept from the runs above
-        clear_caches()
-        t0 = time.perf_counter()
-        m4, c4, _ = load_lora(model, clip, file, 0.9, 0.9)
-        m4.patch_model()
-        c4.patcher.patch_model()
-        recycled.append(time.perf_counter() - t0)
-        m4.unpatch_model()
-        c4.patcher.unpatch_model()
-        del m1, c1, m2, c2, m4, c4
+        del m1, c1, m2, c2, m3
     med = statistics.median
     res = {"first_s": med(first), "repatch_s": med(repatch), "unpatch_s": med(unpatch),
            "repatch_ratio": med(ratio), "peak_extra_gib": med(peaks) / 2**30, "patched_gib": size / 2**30,
-           "peak_ratio": med(peaks) / size, "cold_repatch_s": med(cold), "weights": cov.model_weights + cov.clip_weights,
-           "recycled_first_s": med(recycled)}
+           "peak_ratio": med(peaks) / size, "cold_repatch_s": med(cold), "weights": cov.model_weights + cov.clip_weights}
     print(f"{name:6s} patched weights {res['weights']} ({res['patched_gib']:.2f} GiB): "
           f"first patch {res['first_s']:.3f} s, re-patch after strength change {res['repatch_s']:.3f} s "
-          f"({100 * res['repatch_ratio']:.0f}% of first; target <= 25%); first patch onto recycled memory "
-          f"{res['recycled_first_s']:.3f} s (re-patch = {100 * res['repatch_s'] / res['recycled_first_s']:.0f}% of it); "
-          f"after an unpatch_model "
+          f"({100 * res['repatch_ratio']:.0f}% of first; target <= 25%), after an unpatch_model "
           f"{res['cold_repatch_s']:.3f} s ({100 * res['cold_repatch_s'] / res['first_s']:.0f}%), unpatch {res['unpatch_s']:.3f} s, "
           f"peak extra RSS {res['peak_extra_gib']:.2f} GiB = {res['peak_ratio']:.2f}x patched size (target <= 1.2x)",
           flush=True)
@@ -212,7 +201,8 @@ def main() -> None:
     ap.add_argument("--only", choices=["lora", "locon"], default=None)
     ap.add_argument("--cache-lowrank", action="store_true",
                     help="keep full up@down deltas in the delta cache instead of the fused low-rank path")
-    ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="dtype of the model weights")
+    ap.add_argument("--dtype", choices=sorted(DTYPES) + ["auto"], default="fp32",
+                    help="dtype of the model weights (auto: Easel's choice for this CPU)")
     args = ap.parse_args()
     patcher_mod.CACHE_LOWRANK = args.cache_lowrank
     if args.cache_lowrank:
@@ -221,10 +211,17 @@ def main() -> None:
         mode = "fused C kernel (diffusion/data/lowrank_add.c)"
     else:
         mode = f"torch addmm of factors (kernel unavailable: {lowrank_kernel.unavailable_reason()})"
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, weights {args.dtype}, low-rank path: {mode}",
+    if args.dtype == "auto":
+        cfg = devices.DeviceConfig(cpu=True)
+        unet_dtype, te_dtype = devices.unet_dtype(cfg), devices.text_dtype(cfg)
+    else:
+        unet_dtype = te_dtype = DTYPES[args.dtype]
+    names = {v: k for k, v in DTYPES.items()}
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, weights: UNet {names[unet_dtype]}, "
+          f"text encoder {names[te_dtype]} ({args.dtype}), low-rank path: {mode}",
           flush=True)
     t0 = time.perf_counter()
-    model, clip = build_sd15(DTYPES[args.dtype])
+    model, clip = build_sd15(unet_dtype, te_dtype)
     print(f"built SD1.5-size UNet + CLIP-L in {time.perf_counter() - t0:.1f} s, RSS {rss_bytes() / 2**30:.2f} GiB",
           flush=True)
     with tempfile.TemporaryDirectory() as d:

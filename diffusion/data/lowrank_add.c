@@ -99,11 +99,20 @@ static inline __attribute__((always_inline)) void store16(void *base, int64_t id
     }
     vh h;
     if (dt == DT_BF16) {
-        vu u = (vu)v;
-        vu r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-        vu nan = (vu)(v != v);                       /* all ones where NaN */
-        r = (r & ~nan) | (0x7FC0u & nan);
-        h = __builtin_convertvector(r, vh);
+#if defined(__AVX512BF16__) && defined(__AVX512DQ__)
+        /* the instruction rounds to nearest even like the integer form below, but flushes subnormal
+         * inputs to zero and keeps NaN payloads: vectors holding either take the integer form */
+        if (!_mm512_fpclass_ps_mask((__m512)v, 0x01 | 0x20 | 0x80)) {     /* QNaN | subnormal | SNaN */
+            h = (vh)_mm512_cvtneps_pbh((__m512)v);
+        } else
+#endif
+        {
+            vu u = (vu)v;
+            vu r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+            vu nan = (vu)(v != v);                   /* all ones where NaN */
+            r = (r & ~nan) | (0x7FC0u & nan);
+            h = __builtin_convertvector(r, vh);
+        }
     } else {
 #if HAVE_F16
         vhf x = __builtin_convertvector(v, vhf);

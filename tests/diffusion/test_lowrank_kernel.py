@@ -513,3 +513,16 @@ def test_baseline_build_has_no_avx(built_libs, march):
     assert "lr_run" in text
     for reg in ("%ymm", "%zmm", "vmovnt", "vfmadd"):
         assert reg not in text, f"-march=x86-64 build uses {reg}"
+
+
+def test_bf16_subnormals_are_kept_and_nan_stays_nan():
+    # the AVX512-BF16 conversion flushes subnormal inputs to zero; such vectors must take the exact path
+    if not lowrank_kernel.supports(torch.zeros(2, 2, dtype=torch.bfloat16)):
+        pytest.skip("kernel unavailable")
+    row = [1e-39, -3e-39, float("nan"), 1.0] + [0.5] * 12 + [2.0 ** -126, 1.5, -1e-40, 3.0] + [0.25] * 12
+    w0 = torch.tensor([row, [0.75] * 32], dtype=torch.float32).to(torch.bfloat16)
+    got = kernel(w0, [(torch.zeros(2, 1), torch.zeros(1, 32), 1.0)], reused=True)
+    finite = ~torch.isnan(w0.float())
+    assert torch.equal(got.view(torch.int16)[finite], w0.view(torch.int16)[finite])
+    assert got[0, 0].item() != 0 and got[0, 18].item() != 0          # subnormals not flushed
+    assert torch.isnan(got[0, 2].float())
