@@ -45,6 +45,9 @@ class _Job(ctypes.Structure):
                 ("scale", ctypes.c_float), ("pad", ctypes.c_int32)]
 
 
+# False: supports() answers False, so patches take the torch path (benchmarks compare both in one process)
+ENABLED = True
+
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _failure: str | None = None          # why the kernel is unavailable, once known
@@ -149,7 +152,7 @@ def supports(weight: torch.Tensor) -> bool:
     """Whether the kernel can patch `weight` (CPU, contiguous, fp32/bf16/fp16, at least 2-D)."""
     if weight.device.type != "cpu" or weight.dim() < 2 or weight.numel() == 0 or not weight.is_contiguous():
         return False
-    if weight.dtype not in DTYPES:
+    if weight.dtype not in DTYPES or not ENABLED:
         return False
     lib = _load()
     if lib is None:
