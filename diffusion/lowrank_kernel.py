@@ -81,33 +81,58 @@ def _cache_dir() -> Path:
     return Path(base)
 
 
+def _private(path: Path) -> bool:
+    """True when `path` belongs to this user and nobody else may write it: a library loaded from a
+    folder others can write to (e.g. a pre-created /tmp/easel-kernels-<uid>) would run their code."""
+    if not hasattr(os, "getuid"):
+        return True
+    try:
+        st = path.stat()
+    except OSError:
+        return False
+    return st.st_uid == os.getuid() and not st.st_mode & 0o022
+
+
 def _build(cc: str) -> Path:
     src = SOURCE.read_bytes()
     version = subprocess.run([*cc.split(), "--version"], capture_output=True, text=True, timeout=30).stdout
     key = hashlib.sha256(src + version.encode() + " ".join(FLAGS).encode() + _cpu_id().encode()
                          + platform.machine().encode()).hexdigest()[:16]
     suffix = ".dylib" if sys.platform == "darwin" else ".so"
+    skipped: list[str] = []
     for d in (_cache_dir(), Path(tempfile.gettempdir()) / f"easel-kernels-{os.getuid() if hasattr(os, 'getuid') else 0}"):
         target = d / f"lowrank_add-{key}{suffix}"
-        if target.exists():
-            return target
         try:
-            d.mkdir(parents=True, exist_ok=True)
+            d.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError:
+            skipped.append(f"{d} (cannot create)")
+            continue
+        if not _private(d):
+            skipped.append(f"{d} (not owned by this user, or writable by others)")
+            continue
+        if target.exists():
+            if _private(target):
+                return target
+            skipped.append(f"{target} (not owned by this user, or writable by others)")
+            continue
+        try:
             fd, tmp = tempfile.mkstemp(suffix=suffix, dir=d)
         except OSError:
-            continue                            # not writable: try the next place
+            skipped.append(f"{d} (not writable)")
+            continue
         os.close(fd)
         try:
             res = subprocess.run([*cc.split(), *FLAGS, str(SOURCE), "-o", tmp],
                                  capture_output=True, text=True, timeout=120)
             if res.returncode != 0:
                 raise RuntimeError(f"{cc} failed on {SOURCE.name}: {res.stderr.strip()[-800:]}")
+            os.chmod(tmp, 0o755)
             os.replace(tmp, target)             # atomic: concurrent builders agree on one file
             return target
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-    raise RuntimeError(f"no writable cache directory for the compiled kernel ({_cache_dir()})")
+    raise RuntimeError("no usable folder for the compiled kernel: " + "; ".join(skipped))
 
 
 def _load() -> ctypes.CDLL | None:

@@ -526,3 +526,16 @@ def test_bf16_subnormals_are_kept_and_nan_stays_nan():
     assert torch.equal(got.view(torch.int16)[finite], w0.view(torch.int16)[finite])
     assert got[0, 0].item() != 0 and got[0, 18].item() != 0          # subnormals not flushed
     assert torch.isnan(got[0, 2].float())
+
+
+def test_a_folder_others_can_write_is_not_used(tmp_path):
+    # a library found in a folder other users can write to could be theirs: it is neither loaded nor
+    # built there (the kernel then lives in the per-user temp folder)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    (shared / "kernels").mkdir()
+    (shared / "kernels").chmod(0o777)
+    out = run_fallback({"EASEL_KERNEL_CACHE": str(shared / "kernels")})
+    assert out["available"] is True, out
+    assert not list((shared / "kernels").iterdir())
