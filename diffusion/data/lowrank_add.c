@@ -81,7 +81,9 @@ static inline __attribute__((always_inline)) vf load16(const void *base, int64_t
         vu u = __builtin_convertvector(h, vu) << 16;
         return (vf)u;
     }
-#if HAVE_F16
+#if defined(__AVX512F__)                            /* GCC 12 converts _Float16 vectors one lane at a time */
+    return (vf)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)base + idx)));
+#elif HAVE_F16
     return __builtin_convertvector(*(const vhfu *)((const _Float16 *)base + idx), vf);
 #else
     return (vf){0};
@@ -114,7 +116,9 @@ static inline __attribute__((always_inline)) void store16(void *base, int64_t id
             h = __builtin_convertvector(r, vh);
         }
     } else {
-#if HAVE_F16
+#if defined(__AVX512F__)
+        h = (vh)_mm512_cvtps_ph((__m512)v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+#elif HAVE_F16
         vhf x = __builtin_convertvector(v, vhf);
         memcpy(&h, &x, sizeof h);
 #else
