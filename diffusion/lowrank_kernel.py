@@ -156,6 +156,9 @@ def _load() -> ctypes.CDLL | None:
                 raise RuntimeError(f"job layout mismatch ({lib.lr_abi()} != {ctypes.sizeof(_Job)} bytes)")
             lib.lr_run.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
             lib.lr_run.restype = ctypes.c_int
+            if lib.lr_vector_width() < 8:
+                # SSE-only build: no faster than torch (fp16 converts lane by lane), so not used
+                raise RuntimeError("this CPU has no AVX; the kernel would be no faster than torch")
             _lib = lib
         except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
             _failure = str(exc)

@@ -18,25 +18,33 @@
 #include <immintrin.h>
 #endif
 
-/* a tile is RT rows x NV 16-float vectors: RT * NV accumulators + NV loaded vectors fit the registers */
+/* VW floats per vector, the target's register width (wider generic vectors are split through memory
+ * by GCC: 20x slower). A tile is RT rows x NV vectors: RT * NV accumulators + NV loaded vectors + one
+ * broadcast fit the registers. */
 #if defined(__AVX512F__)
-#define RT 5            /* 20 + 4 of 32 zmm */
+#define VW 16
+#define RT 5            /* 20 + 4 + 1 of 32 zmm */
 #define NV 4
+#elif defined(__AVX__)
+#define VW 8
+#define RT 6            /* 12 + 2 + 1 of 16 ymm */
+#define NV 2
 #else
-#define RT 3            /* 6 + 2 vectors = 16 ymm (a 16-float vector is two ymm) */
+#define VW 4
+#define RT 6            /* 12 + 2 + 1 of 16 xmm */
 #define NV 2
 #endif
 #define PD 2            /* prefetch W0 this many tiles ahead */
 
-typedef float vf __attribute__((vector_size(64)));
-typedef float vfu __attribute__((vector_size(64), aligned(4)));
-typedef uint32_t vu __attribute__((vector_size(64)));
-typedef uint16_t vh __attribute__((vector_size(32)));
-typedef uint16_t vhu __attribute__((vector_size(32), aligned(2)));
+typedef float vf __attribute__((vector_size(VW * 4)));
+typedef float vfu __attribute__((vector_size(VW * 4), aligned(4)));
+typedef uint32_t vu __attribute__((vector_size(VW * 4)));
+typedef uint16_t vh __attribute__((vector_size(VW * 2)));
+typedef uint16_t vhu __attribute__((vector_size(VW * 2), aligned(2)));
 #ifdef __FLT16_MANT_DIG__
 #define HAVE_F16 1
-typedef _Float16 vhf __attribute__((vector_size(32)));
-typedef _Float16 vhfu __attribute__((vector_size(32), aligned(2)));
+typedef _Float16 vhf __attribute__((vector_size(VW * 2)));
+typedef _Float16 vhfu __attribute__((vector_size(VW * 2), aligned(2)));
 #else
 #define HAVE_F16 0
 #endif
@@ -57,8 +65,9 @@ typedef struct {
 
 int lr_abi(void) { return (int)sizeof(lr_job); }
 int lr_has_f16(void) { return HAVE_F16; }
+int lr_vector_width(void) { return VW; }           /* floats per vector in this build */
 
-/* ---- element conversions (scalar and 16-wide) ---- */
+/* ---- element conversions (scalar and VW-wide) ---- */
 
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
@@ -74,7 +83,7 @@ static inline uint16_t f32_to_bf16(float f) {   /* round to nearest even; NaN ->
     return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
 }
 
-static inline __attribute__((always_inline)) vf load16(const void *base, int64_t idx, int dt) {
+static inline __attribute__((always_inline)) vf vload(const void *base, int64_t idx, int dt) {
     if (dt == DT_F32) return *(const vfu *)((const float *)base + idx);
     if (dt == DT_BF16) {
         vh h = *(const vhu *)((const uint16_t *)base + idx);
@@ -83,6 +92,8 @@ static inline __attribute__((always_inline)) vf load16(const void *base, int64_t
     }
 #if defined(__AVX512F__)                            /* GCC 12 converts _Float16 vectors one lane at a time */
     return (vf)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)base + idx)));
+#elif defined(__F16C__) && defined(__AVX__)
+    return (vf)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)base + idx)));
 #elif HAVE_F16
     return __builtin_convertvector(*(const vhfu *)((const _Float16 *)base + idx), vf);
 #else
@@ -90,11 +101,14 @@ static inline __attribute__((always_inline)) vf load16(const void *base, int64_t
 #endif
 }
 
-static inline __attribute__((always_inline)) void store16(void *base, int64_t idx, vf v, int dt, int nt) {
+static inline __attribute__((always_inline)) void vstore(void *base, int64_t idx, vf v, int dt, int nt) {
+    (void)nt;                                       /* no streaming stores without AVX */
     if (dt == DT_F32) {
         float *p = (float *)base + idx;
 #if defined(__AVX512F__)
         if (nt) { _mm512_stream_ps(p, (__m512)v); return; }
+#elif defined(__AVX__)
+        if (nt) { _mm256_stream_ps(p, (__m256)v); return; }
 #endif
         *(vfu *)p = v;
         return;
@@ -118,6 +132,8 @@ static inline __attribute__((always_inline)) void store16(void *base, int64_t id
     } else {
 #if defined(__AVX512F__)
         h = (vh)_mm512_cvtps_ph((__m512)v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+#elif defined(__F16C__) && defined(__AVX__)
+        h = (vh)_mm256_cvtps_ph((__m256)v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 #elif HAVE_F16
         vhf x = __builtin_convertvector(v, vhf);
         memcpy(&h, &x, sizeof h);
@@ -126,8 +142,10 @@ static inline __attribute__((always_inline)) void store16(void *base, int64_t id
 #endif
     }
     uint16_t *p = (uint16_t *)base + idx;
-#if defined(__AVX__)
+#if VW == 16
     if (nt) { _mm256_stream_si256((__m256i *)p, (__m256i)h); return; }
+#elif VW == 8
+    if (nt) { _mm_stream_si128((__m128i *)p, (__m128i)h); return; }
 #endif
     *(vhu *)p = h;
 }
@@ -150,7 +168,7 @@ static inline void store1(void *base, int64_t idx, float v, int dt) {
 #endif
 }
 
-/* ---- one tile: rows [i, i+nr) x columns [j, j+16*nv), nv <= NV ---- */
+/* ---- one tile: rows [i, i+nr) x columns [j, j+VW*nv), nv <= NV ---- */
 
 static inline __attribute__((always_inline)) void tile(const lr_job *J, int64_t i, int64_t nr, int64_t j,
                                                       int nv, int dt, int nt) {
@@ -162,7 +180,7 @@ static inline __attribute__((always_inline)) void tile(const lr_job *J, int64_t 
     for (int64_t k = 0; k < r; k++) {
         const float *d = J->down + k * C + j;
         vf dv[NV];
-        for (int b = 0; b < nv; b++) dv[b] = *(const vfu *)(d + 16 * b);
+        for (int b = 0; b < nv; b++) dv[b] = *(const vfu *)(d + VW * b);
         for (int a = 0; a < RT; a++) {
             float s = J->up[(i + (a < nr ? a : 0)) * r + k];
             for (int b = 0; b < nv; b++) acc[a][b] += s * dv[b];
@@ -170,7 +188,7 @@ static inline __attribute__((always_inline)) void tile(const lr_job *J, int64_t 
     }
     for (int a = 0; a < nr; a++) {
         const int64_t row = (i + a) * C + j;
-        for (int b = 0; b < nv; b++) store16(J->w, row + 16 * b, load16(J->w0, row + 16 * b, dt) + c * acc[a][b], dt, nt);
+        for (int b = 0; b < nv; b++) vstore(J->w, row + VW * b, vload(J->w0, row + VW * b, dt) + c * acc[a][b], dt, nt);
     }
 }
 
@@ -181,14 +199,14 @@ static inline __attribute__((always_inline)) void row_tile(const lr_job *J, int6
     /* streaming stores need every row start aligned to the vector width */
     const int nt = J->stream && ((uintptr_t)J->w % 64 == 0) && ((C * esz) % 64 == 0);
     int64_t j = 0;
-    for (; j + 16 * NV <= C; j += 16 * NV) {
+    for (; j + VW * NV <= C; j += VW * NV) {
         const int64_t ip = i + PD * RT;           /* pull later rows of W0 into L2 while computing */
         for (int a = 0; a < RT && ip + a < R; a++)
-            for (int off = 0; off < 16 * NV * esz; off += 64)   /* the tile's columns, line by line */
+            for (int off = 0; off < VW * NV * esz; off += 64)   /* the tile's columns, line by line */
                 __builtin_prefetch((const char *)J->w0 + ((ip + a) * C + j) * esz + off, 0, 2);
         tile(J, i, nr, j, NV, dt, nt);
     }
-    for (; j + 16 <= C; j += 16) tile(J, i, nr, j, 1, dt, nt);
+    for (; j + VW <= C; j += VW) tile(J, i, nr, j, 1, dt, nt);
     for (int64_t a = 0; a < nr; a++)
         for (int64_t jj = j; jj < C; jj++) {
             float acc = 0.f;
