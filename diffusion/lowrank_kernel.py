@@ -8,8 +8,8 @@ No library offers that (BLAS gemm updates C in place; oneDNN's fused binary-add 
 faster), so the C source ships with the package and is compiled on first use with the system C
 compiler (`$CC`, else cc / gcc / clang) into the user cache, keyed by source, compiler and CPU.
 
-Without a compiler, on a failed build, or with `EASEL_NATIVE_KERNEL=0`, `available()` is False and
-the patcher uses torch (same values up to float rounding). Whichever path patches a weight, it also
+Without a compiler, on a failed build, on CPUs other than x86-64 with AVX (unmeasured there), or with
+`EASEL_NATIVE_KERNEL=0`, `available()` is False and the patcher uses torch (same values up to float rounding). Whichever path patches a weight, it also
 does every later re-patch in this process, so a strength change and a fresh patch at the same strength
 give bitwise the same weights.
 """
@@ -157,8 +157,9 @@ def _load() -> ctypes.CDLL | None:
             lib.lr_run.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
             lib.lr_run.restype = ctypes.c_int
             if lib.lr_vector_width() < 8:
-                # SSE-only build: no faster than torch (fp16 converts lane by lane), so not used
-                raise RuntimeError("this CPU has no AVX; the kernel would be no faster than torch")
+                # measured only on x86-64 with AVX2 / AVX-512; an SSE-only build is no faster than
+                # torch (fp16 converts lane by lane) and ARM builds are unmeasured: torch there
+                raise RuntimeError("the kernel is used on x86-64 CPUs with AVX; this CPU patches with torch")
             _lib = lib
         except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
             _failure = str(exc)
