@@ -9,9 +9,9 @@ faster), so the C source ships with the package and is compiled on first use wit
 compiler (`$CC`, else cc / gcc / clang) into the user cache, keyed by source, compiler and CPU.
 
 Without a compiler, on a failed build, on CPUs other than x86-64 with AVX (unmeasured there), or with
-`EASEL_NATIVE_KERNEL=0`, `available()` is False and the patcher uses torch (same values up to float rounding). Whichever path patches a weight, it also
-does every later re-patch in this process, so a strength change and a fresh patch at the same strength
-give bitwise the same weights.
+`EASEL_NATIVE_KERNEL=0`, `available()` is False and the patcher uses torch (same values up to float
+rounding). Whichever path patches a weight, it also does every later re-patch in this process, so a
+strength change and a fresh patch at the same strength give bitwise the same weights.
 """
 from __future__ import annotations
 
@@ -234,9 +234,7 @@ class LowrankBatch:
             scale = 1.0
         if up.dtype != torch.float32 or down.dtype != torch.float32:
             up, down = up.float(), down.float()
-        up, down = up.contiguous(), down.contiguous()
-        if up.shape[1] != down.shape[0]:
-            raise ValueError(f"up rank {up.shape[1]} != down rank {down.shape[0]}")
+        up, down = up.contiguous(), down.contiguous()     # [rows, r], [r, cols]: checked per term above
         self._jobs.append((original, dest, up, down, float(scale), reused))
 
     def run(self, threads: int | None = None) -> None:

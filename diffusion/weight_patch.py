@@ -6,9 +6,10 @@
 - `compute_patched(W0, records)`: `cast(W0 + sum_i m_i dW_i)` accumulated in fp32; `W0` is never
   modified. Plain low-rank factors of CPU weights go to the fused one-pass kernel
   (diffusion.lowrank_kernel) when it is available; otherwise, and on accelerators, a fused `addmm`
-  (`W0 + c * up @ down`, no full delta in memory); without the kernel a bf16/fp16 CPU weight goes through fp32 a block of rows at a time
-  (`BLOCK_BYTES`); deltas that are expensive to build (LoHa, LoKr, Tucker, DoRA) are kept in a
-  byte-bounded LRU, `DELTA_CACHE` (`EASEL_DELTA_CACHE_MB`, default 2048).
+  (`W0 + c * up @ down`, no full delta in memory); without the kernel a bf16/fp16 CPU weight goes
+  through fp32 a block of rows at a time (`BLOCK_BYTES`); deltas that are expensive to build (LoHa,
+  LoKr, Tucker, DoRA) are kept in a byte-bounded LRU, `DELTA_CACHE` (`EASEL_DELTA_CACHE_MB`, default
+  2048).
 """
 from __future__ import annotations
 

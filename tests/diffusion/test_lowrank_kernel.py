@@ -20,6 +20,7 @@ from diffusion import lowrank_kernel
 from diffusion.lora_weights import LoRA
 from diffusion.lowrank_kernel import DTYPES, LowrankBatch, _Job
 from diffusion.patcher import ModelPatcher
+from tests.diffusion._weights import bit_equal, snapshot
 
 U32 = 2.0 ** -24                        # unit roundoff of fp32
 COMPILER = next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
@@ -293,15 +294,6 @@ def tiny_module(dtype: torch.dtype) -> torch.nn.Module:
     return m.to(dtype)
 
 
-def snapshot(m: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in m.state_dict().items()}
-
-
-def bit_equal(m: torch.nn.Module, ref: dict[str, torch.Tensor]) -> bool:
-    sd = m.state_dict()
-    return all(torch.equal(sd[k], v) and sd[k].dtype == v.dtype for k, v in ref.items())
-
-
 def lora_for(shape: tuple[int, ...], seed: int, rank: int = 4, alpha: float = 2.0) -> LoRA:
     g = torch.Generator().manual_seed(seed)
     n_in = int(torch.Size(shape[1:]).numel())
@@ -314,6 +306,15 @@ def adapters(m: torch.nn.Module, seed: int) -> dict[str, LoRA]:
             if k.endswith("weight")}
 
 
+def patched_clone(base: ModelPatcher, a: dict[str, LoRA], strength_a: float, b: dict[str, LoRA]) -> ModelPatcher:
+    """A clone of `base` with `a` at `strength_a` and `b` at -0.4, patched."""
+    q = base.clone()
+    q.add_patches(a, strength_a, "a")
+    q.add_patches(b, -0.4, "b")
+    q.patch_model()
+    return q
+
+
 @pytest.mark.parametrize("dtype", kernel_dtypes(), ids=str)
 def test_strength_change_equals_fresh_patch_bitwise(dtype):
     m1 = tiny_module(dtype)
@@ -323,10 +324,7 @@ def test_strength_change_equals_fresh_patch_bitwise(dtype):
 
     # fresh: a at 0.7, b at -0.4
     p1 = ModelPatcher(m1, "cpu", "cpu")
-    q = p1.clone()
-    q.add_patches(a, 0.7, "a")
-    q.add_patches(b, -0.4, "b")
-    q.patch_model()
+    q = patched_clone(p1, a, 0.7, b)
     fresh = snapshot(m1)
     for key, ad in a.items():
         w0 = ref[key]
@@ -339,16 +337,10 @@ def test_strength_change_equals_fresh_patch_bitwise(dtype):
     m2 = tiny_module(dtype)
     assert bit_equal(m2, ref)
     p2 = ModelPatcher(m2, "cpu", "cpu")
-    r1 = p2.clone()
-    r1.add_patches(a, 1.0, "a")
-    r1.add_patches(b, -0.4, "b")
-    r1.patch_model()
+    patched_clone(p2, a, 1.0, b)
     at_one = snapshot(m2)
     ptrs = {k: v.data_ptr() for k, v in m2.named_parameters()}
-    r2 = p2.clone()
-    r2.add_patches(a, 0.7, "a")
-    r2.add_patches(b, -0.4, "b")
-    r2.patch_model()
+    r2 = patched_clone(p2, a, 0.7, b)
     params = dict(m2.named_parameters())
     for key in a:
         assert not torch.equal(at_one[key], fresh[key]), key

@@ -6,26 +6,18 @@ import random
 import pytest
 import torch
 
+from diffusion import weight_patch as patcher_mod
 from diffusion.demo import tiny_components
 from diffusion.lora_weights import LoHa, LoRA
 from diffusion.model import DiffusionModel
-from diffusion import weight_patch as patcher_mod
 from diffusion.patcher import DELTA_CACHE, ModelPatcher, WeightPatch
+from tests.diffusion._weights import bit_equal, snapshot
 
 
 def small_module(dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     torch.manual_seed(0)
     m = torch.nn.Sequential(torch.nn.Linear(16, 24), torch.nn.Conv2d(4, 8, 3), torch.nn.Linear(24, 8))
     return m.to(dtype)
-
-
-def snapshot(m: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in m.state_dict().items()}
-
-
-def bit_equal(m: torch.nn.Module, ref: dict[str, torch.Tensor]) -> bool:
-    sd = m.state_dict()
-    return all(torch.equal(sd[k], v) and sd[k].dtype == v.dtype for k, v in ref.items())
 
 
 def lora_for(shape: tuple[int, ...], seed: int, rank: int = 2) -> LoRA:
