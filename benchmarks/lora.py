@@ -14,6 +14,9 @@ and samplers), then times, as medians of several runs:
   re-patch (cold) the same strength change after an explicit unpatch_model (e.g. /free)
 and the peak extra RSS of the first patch (VmHWM reset through /proc/self/clear_refs) against the size
 of the weights it patches. Targets: re-patch <= 25% of first patch; peak extra RSS <= 1.2x.
+References in the same process: torch's addmm doing the same re-patch; over the same UNet weights, a
+plain copy W0 -> W (the least an exact re-patch must do) and one torch.add of a precomputed delta per
+weight (a re-patch that keeps full deltas).
 
     python benchmarks/lora.py [--runs 5] [--only lora|locon] [--cache-lowrank] [--dtype fp32|bf16|fp16|auto]
 
@@ -147,6 +150,44 @@ def release_free_memory() -> None:
         pass
 
 
+@torch.no_grad()
+def pass_references(model: ModelPatcher, clip: CLIP, file: Path, runs: int) -> dict[str, float]:
+    """Two passes over the UNet weights a strength change rewrites, timed in this process (medians):
+    copy_s  W <- W0: what any exact re-patch must at least do (read the originals, write the weights)
+    add_s   W <- W0 + c * delta with every delta precomputed in the weight's dtype: "one add per
+            weight", the cost of a re-patch that keeps full deltas (the deltas are made here, untimed)"""
+    clear_caches()
+    m, _, _ = load_lora(model, clip, file, 1.0, 1.0)
+    params = dict(m.model.named_parameters())
+    originals = [params[k].data for k in m.patches]
+    m.patch_model()
+    outs = [params[k].data for k in m.patches]          # the patched tensors (pages already mapped)
+    g = torch.Generator().manual_seed(3)
+    deltas = [torch.randn(o.shape, generator=g).mul_(0.01).to(o.dtype) for o in originals]
+
+    def copy() -> None:
+        for o, w in zip(originals, outs):
+            w.copy_(o)
+
+    def add() -> None:
+        for o, d, w in zip(originals, deltas, outs):
+            torch.add(o, d, alpha=0.5, out=w)
+
+    res = {}
+    for name, fn in (("copy_s", copy), ("add_s", add)):
+        fn()
+        times = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        res[name] = statistics.median(times)
+    m.unpatch_model()
+    del deltas, outs, originals, m
+    clear_caches()
+    return res
+
+
 def bench(name: str, file: Path, model: ModelPatcher, clip: CLIP, runs: int) -> dict[str, float]:
     first, unpatch, repatch, peaks, ratio, cold = [], [], [], [], [], []
     size = 0
@@ -198,6 +239,7 @@ def bench(name: str, file: Path, model: ModelPatcher, clip: CLIP, runs: int) -> 
                 del m1, m2
         finally:
             lowrank_kernel.ENABLED = True
+    refs = pass_references(model, clip, file, runs)
     med = statistics.median
     res = {"first_s": med(first), "repatch_s": med(repatch), "unpatch_s": med(unpatch),
            "repatch_ratio": med(ratio), "peak_extra_gib": med(peaks) / 2**30, "patched_gib": size / 2**30,
@@ -208,6 +250,10 @@ def bench(name: str, file: Path, model: ModelPatcher, clip: CLIP, runs: int) -> 
           f"{res['cold_repatch_s']:.3f} s ({100 * res['cold_repatch_s'] / res['first_s']:.0f}%), unpatch {res['unpatch_s']:.3f} s, "
           f"peak extra RSS {res['peak_extra_gib']:.2f} GiB = {res['peak_ratio']:.2f}x patched size (target <= 1.2x)",
           flush=True)
+    res.update(refs)
+    print(f"{'':6s} over the same UNet weights: copy W0 -> W {refs['copy_s']:.3f} s, one torch.add of a precomputed "
+          f"delta per weight {refs['add_s']:.3f} s (re-patch = {res['repatch_s'] / refs['copy_s']:.2f}x the copy, "
+          f"{res['repatch_s'] / refs['add_s']:.2f}x the add)", flush=True)
     if torch_repatch:
         res["torch_repatch_s"] = med(torch_repatch)
         print(f"{'':6s} the same re-patch through torch addmm instead of the kernel: {res['torch_repatch_s']:.3f} s "
