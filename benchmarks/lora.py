@@ -183,7 +183,6 @@ def pass_references(model: ModelPatcher, clip: CLIP, file: Path, runs: int) -> d
             times.append(time.perf_counter() - t0)
         res[name] = statistics.median(times)
     m.unpatch_model()
-    del deltas, outs, originals, m
     clear_caches()
     return res
 
