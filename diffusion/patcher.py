@@ -260,20 +260,21 @@ class ModelPatcher:
             if st.applied.get(key) == sig:
                 continue
             p = params[key]
+            data = p.data                 # (each .data access makes a new tensor object)
             orig = st.originals.get(key)
             if orig is None:
                 # the original tensor object is kept as it is (no copy) when it lives on the
                 # offload device; a weight on the accelerator is backed up to the offload device
-                src = p.data
-                st.originals[key] = src if same_device(p.device, self.offload_device) else src.to(self.offload_device, copy=True)
+                src = data
+                st.originals[key] = src if same_device(data.device, self.offload_device) else src.to(self.offload_device, copy=True)
                 reuse = None
             else:
-                src = orig if orig.device == p.device else orig.to(p.device)
-                # p.data is our own earlier patched tensor: overwrite it instead of allocating
-                reuse = p.data if (key in st.applied and p.data is not orig and p.data.shape == src.shape
-                                   and p.data.dtype == src.dtype and p.data.device == src.device) else None
+                src = orig if orig.device == data.device else orig.to(data.device)
+                # data is our own earlier patched tensor: overwrite it instead of allocating
+                reuse = data if (key in st.applied and not data.is_set_to(orig) and data.shape == src.shape
+                                 and data.dtype == src.dtype and data.device == src.device) else None
             new = compute_patched(src, eff, out=reuse, batch=batch)
-            if new is not p.data:
+            if new is not reuse:
                 p.data = new
             st.applied[key] = sig
 
