@@ -19,6 +19,9 @@ class CacheEntry(NamedTuple):
     output_sigs: tuple[str, ...]     # the signature each output passes to its consumers
     ui: dict[str, Any] | None        # what an output node reported
     size: int
+    # facts the node recorded while it ran (NodeRuntime.record: name, data), kept so that a prompt
+    # served from the cache still carries them in its history (e.g. LoRA key coverage)
+    node_records: tuple[tuple[str, Any], ...] = ()
 
 
 def estimate_bytes(value: Any, limit: int = 10_000) -> int:
@@ -101,13 +104,14 @@ class OutputCache:
         return entry
 
     def put(self, sig: str, outputs: tuple[list[Any], ...], output_sigs: tuple[str, ...],
-            ui: dict[str, Any] | None, size: int | None = None) -> CacheEntry:
+            ui: dict[str, Any] | None, size: int | None = None,
+            node_records: tuple[tuple[str, Any], ...] = ()) -> CacheEntry:
         if size is None:
             size = outputs_size(outputs)
         old = self._entries.pop(sig, None)
         if old is not None:
             self._bytes -= old.size
-        entry = CacheEntry(outputs, output_sigs, ui, size)
+        entry = CacheEntry(outputs, output_sigs, ui, size, node_records)
         self._entries[sig] = entry
         self._bytes += size
         self.evicted.discard(sig)

@@ -23,6 +23,7 @@ EXECUTION_ERROR = "execution_error"
 EXECUTION_INTERRUPTED = "execution_interrupted"
 EXECUTION_SUCCESS = "execution_success"
 WARNING = "warning"
+NODE_RECORD = "node_record"     # a fact a node recorded for the prompt's history (NodeRuntime.record)
 EXPLAIN = "explain"
 
 JOB_EVENTS = frozenset({EXECUTION_START, EXECUTION_CACHED, EXECUTION_ERROR,

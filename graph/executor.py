@@ -53,6 +53,9 @@ class RunResult:
     validation: ValidationReport | None = None
     messages: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # job-level events
     explanations: dict[str, list[str]] = field(default_factory=dict)
+    # node id -> {name: data}: what nodes recorded for the history (NodeRuntime.record), also for
+    # nodes served from the cache
+    node_records: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -136,11 +139,21 @@ class _Run:
         self.resolved: dict[str, CacheEntry] = {}
         self.always: set[str] = set()
         self.prev_records: dict[str, NodeRecord | None] = {}
+        self.pending_records: dict[str, list[tuple[str, Any]]] = {}   # recorded by a running node
 
     def emit(self, event: str, data: dict[str, Any]) -> None:
         if event in ev.JOB_EVENTS:
             self.result.messages.append((event, data))
+        elif event == ev.NODE_RECORD:
+            node_id, name = str(data.get("node")), str(data.get("name"))
+            self.pending_records.setdefault(node_id, []).append((name, data.get("data")))
+            self.result.node_records.setdefault(node_id, {})[name] = data.get("data")
         self.ex.sink(event, data)
+
+    def keep_cached_records(self, node_id: str, entry: CacheEntry) -> None:
+        """What a node recorded when it ran, for this prompt's history (its output came from the cache)."""
+        for name, data in entry.node_records:
+            self.result.node_records.setdefault(node_id, {})[name] = data
 
     # -- signatures ------------------------------------------------------------------------------
     def spec(self, node_id: str) -> NodeSpec:
@@ -238,6 +251,7 @@ class _Run:
             if entry is not None:
                 self.out_sigs[node_id] = entry.output_sigs
                 cached.append(node_id)
+                self.keep_cached_records(node_id, entry)
             else:
                 self.prev_records[node_id] = records.get(node_id)
             records[node_id] = record
@@ -323,6 +337,7 @@ class _Run:
 
     def take_cached(self, node_id: str, entry: CacheEntry, is_output: bool, announced: set[str]) -> None:
         self.resolved[node_id] = entry
+        self.keep_cached_records(node_id, entry)
         assumed = tuple(self.out_sig(node_id, slot) for slot in range(len(entry.output_sigs)))
         if assumed != entry.output_sigs:
             self.diverged.add(node_id)
@@ -482,7 +497,7 @@ class _Run:
         if any(o.startswith("fp:") for o in out_sigs):
             self.diverged.add(node_id)
         self.out_sigs[node_id] = out_sigs
-        entry = self.cache.put(sig, outputs, out_sigs, ui)
+        entry = self.cache.put(sig, outputs, out_sigs, ui, node_records=tuple(self.pending_records.pop(node_id, ())))
         self.resolved[node_id] = entry
         self.result.executed.append(node_id)
         if ui is not None:
@@ -571,7 +586,8 @@ class _Run:
                 out_sigs.append(f"{sig}:{slot}")
         self.out_sigs[node_id] = tuple(out_sigs)
         self.diverged.add(node_id)
-        self.resolved[node_id] = self.cache.put(sig, tuple(outputs), tuple(out_sigs), expansion.ui)
+        self.resolved[node_id] = self.cache.put(sig, tuple(outputs), tuple(out_sigs), expansion.ui,
+                                                node_records=tuple(self.pending_records.pop(node_id, ())))
         if expansion.ui is not None:
             self.result.outputs[node_id] = expansion.ui
             self.emit(ev.EXECUTED, {"node": node_id, "display_node": node_id, "output": expansion.ui,

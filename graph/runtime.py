@@ -11,6 +11,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from graph import events as ev
+
 
 class Interrupted(Exception):
     """Raised inside a node when the run was asked to stop."""
@@ -45,7 +47,7 @@ class NodeRuntime:
 
     def record(self, name: str, data: Any) -> None:
         """Facts worth keeping with the prompt's history (e.g. LoRA key coverage)."""
-        self.emit("node_record", {"node": self.node_id, "prompt_id": self.prompt_id, "name": name, "data": data})
+        self.emit(ev.NODE_RECORD, {"node": self.node_id, "prompt_id": self.prompt_id, "name": name, "data": data})
 
     def warn(self, message: str, data: dict[str, Any] | None = None) -> None:
         self.emit("warning", {"node": self.node_id, "prompt_id": self.prompt_id,

@@ -145,7 +145,8 @@ def report(result: RunResult) -> int:
         print("interrupted", file=sys.stderr)
         return EXIT_FAILED
     print(json.dumps({"prompt_id": result.prompt_id, "outputs": result.outputs,
-                      "executed": result.executed, "cached": result.cached}, indent=1))
+                      "executed": result.executed, "cached": result.cached,
+                      "node_records": result.node_records}, indent=1, default=str))
     return EXIT_OK
 
 

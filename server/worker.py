@@ -38,14 +38,17 @@ PREVIEW_MAX_SIZE = 512
 
 
 def history_entry(job: Job, status_str: str, outputs: dict[str, Any],
-                  messages: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
-    """The `/history` entry of protocol.md 3.3."""
+                  messages: list[tuple[str, dict[str, Any]]],
+                  node_records: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The `/history` entry of protocol.md 3.3, plus `node_records` (node id -> {name: data}: what
+    nodes recorded for the history, e.g. `lora_coverage`; ComfyUI clients ignore the extra key)."""
     return {"prompt": job.queue_item(),
             "outputs": outputs,
             "status": {"status_str": status_str, "completed": status_str == "success",
                        "messages": [[name, data] for name, data in messages]},
             "meta": {nid: {"node_id": nid, "display_node": nid, "parent_node": None, "real_node_id": nid}
-                     for nid in outputs}}
+                     for nid in outputs},
+            "node_records": dict(node_records or {})}
 
 
 def _encode_preview(image: Any) -> tuple[bytes, str] | None:
@@ -295,7 +298,7 @@ class Worker:
     def _record(self, job: Job, result: RunResult) -> None:
         """The history entry in memory now, on disk with the next batch; the job leaves the queue."""
         status_str = "success" if result.status == "success" else "error"
-        entry = history_entry(job, status_str, result.outputs, result.messages)
+        entry = history_entry(job, status_str, result.outputs, result.messages, result.node_records)
         self.history.add(job.prompt_id, entry)
         self.queue.done(job)
         with self._save_lock:

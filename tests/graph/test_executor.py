@@ -355,3 +355,26 @@ def test_execution_blocker_stops_downstream(executor: Executor, log: EventLog) -
     assert result.error["exception_message"] == "gate closed"
     prompt["1"]["inputs"]["open"] = True
     assert executor.run(prompt).outputs == {"3": {"values": [6]}}
+
+
+def test_node_records_reach_the_result_also_from_the_cache(executor: Executor, log: EventLog) -> None:
+    prompt = {"1": {"class_type": "Const", "inputs": {"value": 4}},
+              "2": {"class_type": "Noted", "inputs": {"value": ["1", 0]}},
+              "3": {"class_type": "Noted", "inputs": {"value": 7}},
+              "4": {"class_type": "Add", "inputs": {"a": ["2", 0], "b": ["3", 0]}},
+              "5": {"class_type": "Sink", "inputs": {"value": ["4", 0]}}}
+    first = executor.run(prompt)
+    assert first.ok
+    expected = {"2": {"seen": {"value": 4, "doubled": 8}}, "3": {"seen": {"value": 7, "doubled": 14}}}
+    assert first.node_records == expected
+    assert [d["node"] for e, d in log.events if e == "node_record"] == sorted(["2", "3"], key=log.executed_nodes().index)
+    # everything cached: nothing runs, the prompt still carries what its nodes recorded
+    testnodes.CALLS.clear()
+    second = executor.run(prompt)
+    assert second.ok and testnodes.CALLS == []
+    assert second.node_records == expected
+    # a changed input re-runs one recorder; the other's record comes from the cache
+    prompt["3"]["inputs"]["value"] = 9
+    third = executor.run(prompt)
+    assert [c for c in testnodes.CALLS if c[0] == "Noted"] == [("Noted", 9)]
+    assert third.node_records == {"2": {"seen": {"value": 4, "doubled": 8}}, "3": {"seen": {"value": 9, "doubled": 18}}}

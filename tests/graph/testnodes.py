@@ -253,6 +253,22 @@ class Gate:
         return (value if open else ExecutionBlocker(message or None),)
 
 
-NODE_CLASS_MAPPINGS = {cls.__name__: cls for cls in (AddTimes, Gate, 
+class Noted:
+    """Passes its value on and records a fact about it for the prompt's history."""
+    CATEGORY = "test"
+    FUNCTION = "run"
+    RETURN_TYPES = ("INT",)
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        return {"required": {"value": ("INT", {"default": 0})}}
+
+    def run(self, value: int) -> tuple[int]:
+        CALLS.append(("Noted", value))
+        current().record("seen", {"value": value, "doubled": 2 * value})
+        return (value,)
+
+
+NODE_CLASS_MAPPINGS = {cls.__name__: cls for cls in (AddTimes, Gate, Noted,
     Const, Add, Mode, Sink, Volatile, Watched, UnhashableChanged, Fanout, SumList, Switch, Boom, Steps, Checked)}
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {}
