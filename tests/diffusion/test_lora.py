@@ -140,14 +140,29 @@ def test_diffusers_peft_and_processor_spellings(tmp_path):
         f"text_encoder.{te}.lora_linear_layer.up.weight": torch.randn(32, 2, generator=g),
     }
     path = write(tmp_path, t)
-    w_o = params[f"unet.{o}.weight"].detach().clone()
+    te_params = dict(clip.patcher.model.named_parameters())
+    w0 = {p: params[f"unet.{p}.weight"].detach().clone() for p in (q, o, ff)}
+    te_w = "l." + te.removeprefix("text_model.") + ".weight"                # the CLIP patcher's name
+    w_te = te_params[te_w].detach().clone()
     m2, c2, cov = load_lora(model, clip, path, 1.0, 1.0)
     assert cov.unmatched == () and cov.model_weights == 3 and cov.clip_weights == 1
     m2.patch_model()
     down = t["up_blocks.1.attentions.0.transformer_blocks.0.attn2.processor.to_out_lora.down.weight"]
     up = t["up_blocks.1.attentions.0.transformer_blocks.0.attn2.processor.to_out_lora.up.weight"]
-    assert (params[f"unet.{o}.weight"] - (w_o + up @ down)).abs().max() <= 1e-6
+    assert (params[f"unet.{o}.weight"] - (w0[o] + up @ down)).abs().max() <= 1e-6
+    # PEFT lora_A = down, lora_B = up; diffusers lora.down / lora.up; no alpha in the file -> s = 1
+    want_q = w0[q] + t[f"unet.{q}.lora_B.weight"] @ t[f"unet.{q}.lora_A.weight"]
+    assert (params[f"unet.{q}.weight"] - want_q).abs().max() <= 1e-6
+    want_ff = w0[ff] + t[f"unet.{ff}.lora.up.weight"] @ t[f"unet.{ff}.lora.down.weight"]
+    assert (params[f"unet.{ff}.weight"] - want_ff).abs().max() <= 1e-6
     m2.unpatch_model()
+    assert all(torch.equal(params[f"unet.{p}.weight"], w0[p]) for p in (q, o, ff))
+    # text encoder: lora_linear_layer.down / .up
+    c2.patcher.patch_model()
+    want_te = w_te + t[f"text_encoder.{te}.lora_linear_layer.up.weight"] @ t[f"text_encoder.{te}.lora_linear_layer.down.weight"]
+    assert (te_params[te_w] - want_te).abs().max() <= 1e-6
+    c2.patcher.unpatch_model()
+    assert torch.equal(te_params[te_w], w_te)
 
 
 def test_unmatched_keys_are_reported_and_strict_refuses(tmp_path):

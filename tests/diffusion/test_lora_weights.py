@@ -166,6 +166,53 @@ def test_dora(mp, tmp_path, axis):
                          f"{k}.dora_scale": mag}, LIN, wd - w0, strength=0.6)
 
 
+def test_lokr_both_factored_unequal_ranks_uses_w2_rank(mp, tmp_path):
+    # formats.md 2.3: r = w2_b.shape[0] when w2 is factored (here 2, not w1's 3). LyCORIS'
+    # functional rank_scale takes w1a.shape[1] first, so it would give 3/3; not compared to it here.
+    w1a, w1b = r(8, 3, seed=90), r(3, 4, seed=91)
+    w2a, w2b = r(32, 2, seed=92), r(2, 8, seed=93)
+    k = kohya(LIN)
+    expected = torch.kron(w1a @ w1b, w2a @ w2b) * (3.0 / 2)
+    check(mp, tmp_path, {f"{k}.lokr_w1_a": w1a, f"{k}.lokr_w1_b": w1b, f"{k}.lokr_w2_a": w2a, f"{k}.lokr_w2_b": w2b,
+                         f"{k}.alpha": torch.tensor(3.0)}, LIN, expected)
+
+
+def test_lokr_t2_scale_uses_w2_b_rank(mp, tmp_path):
+    # formats.md 2.3: LoKr + Tucker has r = w2_b.shape[0] (2). LyCORIS' functional rank_scale reads
+    # w2a.shape[1], which with t2 is b (16), not the rank; so this pins the formula by hand instead.
+    w1 = r(4, 4, seed=94)
+    t2, w2a, w2b = r(2, 2, 3, 3, seed=95), r(2, 16, seed=96), r(2, 8, seed=97)
+    k = kohya(CONV)
+    w2 = torch.einsum("pqyx,pb,qd->bdyx", t2, w2a, w2b)
+    expected = torch.einsum("ac,bdyx->abcdyx", w1, w2).reshape(64, 32, 3, 3) * (3.0 / 2)
+    check(mp, tmp_path, {f"{k}.lokr_w1": w1, f"{k}.lokr_t2": t2, f"{k}.lokr_w2_a": w2a, f"{k}.lokr_w2_b": w2b,
+                         f"{k}.alpha": torch.tensor(3.0)}, CONV, expected)
+
+
+def test_dora_on_loha_output_axis(mp, tmp_path):
+    a1, b1, a2, b2 = r(256, 4, seed=98), r(4, 32, seed=99), r(256, 4, seed=100), r(4, 32, seed=101)
+    k = kohya(LIN)
+    w0 = weight(mp, LIN)
+    wp = w0 + (2.0 / 4) * (a1 @ b1) * (a2 @ b2)
+    mag = wp.norm(dim=1, keepdim=True) * 1.3                                # [out, 1]
+    wd = wp * mag / (wp.norm(dim=1, keepdim=True) + torch.finfo(torch.float32).eps)
+    check(mp, tmp_path, {f"{k}.hada_w1_a": a1, f"{k}.hada_w1_b": b1, f"{k}.hada_w2_a": a2, f"{k}.hada_w2_b": b2,
+                         f"{k}.alpha": torch.tensor(2.0), f"{k}.dora_scale": mag}, LIN, wd - w0, strength=0.8)
+
+
+def test_dora_on_lokr_conv_input_axis(mp, tmp_path):
+    w1, w2a, w2b = r(4, 4, seed=102), r(16, 2, seed=103), r(2, 8, 3, 3, seed=104)
+    k = kohya(CONV)
+    w0 = weight(mp, CONV)
+    w2 = (w2a @ w2b.reshape(2, -1)).reshape(16, 8, 3, 3)
+    wp = w0 + (1.0 / 2) * torch.einsum("ac,bdyx->abcdyx", w1, w2).reshape(64, 32, 3, 3)
+    norm = wp.transpose(0, 1).reshape(32, -1).norm(dim=1).reshape(1, 32, 1, 1)   # over out and kernel axes
+    mag = norm * 0.9                                                        # [1, in, 1, 1]
+    wd = wp * mag / (norm + torch.finfo(torch.float32).eps)
+    check(mp, tmp_path, {f"{k}.lokr_w1": w1, f"{k}.lokr_w2_a": w2a, f"{k}.lokr_w2_b": w2b,
+                         f"{k}.alpha": torch.tensor(1.0), f"{k}.dora_scale": mag}, CONV, wd - w0, strength=0.6)
+
+
 def test_full_diff_and_diff_b(mp, tmp_path):
     diff, diff_b = r(256, 32, seed=34), r(256, seed=35)
     k = kohya(LIN)
@@ -263,6 +310,64 @@ def test_against_lycoris_locon_loha_lokr_dora():
     ours = dora_weight(w0, sd, mag)
     ref = general.weight_decompose(w0 + sd, mag, 1, wd_on_out=True, backend="torch")
     assert (ours - ref).abs().max() <= TOL
+
+
+def test_against_lycoris_lokr_layouts():
+    lokr = pytest.importorskip("lycoris.functional.lokr")
+    wl, wc = torch.zeros(256, 32), torch.zeros(64, 32, 3, 3)
+    # factored w1, full w2 (both: s = alpha / w1_b.shape[0]; LyCORIS gamma = alpha)
+    w1a, w1b, w2 = r(8, 2, seed=110), r(2, 4, seed=111), r(32, 8, seed=112)
+    ours = LoKr(w1_a=w1a, w1_b=w1b, w2=w2, alpha=3.0).delta(wl)
+    ref = lokr.diff_weight(None, w1a, w1b, w2, None, None, None, gamma=3.0, backend="torch")
+    assert (ours - ref.reshape(wl.shape)).abs().max() <= TOL
+    # both full: s = 1 whatever alpha says (LyCORIS: rank = gamma)
+    w1 = r(8, 4, seed=113)
+    ours = LoKr(w1=w1, w2=w2, alpha=5.0).delta(wl)
+    ref = lokr.diff_weight(w1, None, None, w2, None, None, None, gamma=5.0, backend="torch")
+    assert (ours - ref.reshape(wl.shape)).abs().max() <= TOL
+    # conv, full w1 [4, 4], factored 4-D w2 ([16, 2] @ [2, 8, 3, 3])
+    c1, c2a, c2b = r(4, 4, seed=114), r(16, 2, seed=115), r(2, 8, 3, 3, seed=116)
+    ours = LoKr(w1=c1, w2_a=c2a, w2_b=c2b, alpha=3.0).delta(wc)
+    ref = lokr.diff_weight(c1, None, None, None, c2a, c2b, None, gamma=3.0, backend="torch")
+    assert (ours - ref).abs().max() <= TOL
+    # both factored with equal ranks (unequal ranks: see test_lokr_both_factored_unequal_ranks_uses_w2_rank)
+    v2a, v2b = r(32, 2, seed=117), r(2, 8, seed=118)
+    ours = LoKr(w1_a=w1a, w1_b=w1b, w2_a=v2a, w2_b=v2b, alpha=3.0).delta(wl)
+    ref = lokr.diff_weight(None, w1a, w1b, None, v2a, v2b, None, gamma=3.0, backend="torch")
+    assert (ours - ref.reshape(wl.shape)).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("conv", [False, True])
+def test_against_lycoris_dora_input_axis(conv):
+    general = pytest.importorskip("lycoris.functional.general")
+    shape = (64, 32, 3, 3) if conv else (256, 32)
+    w0 = r(*shape, seed=120)
+    up = r(shape[0], 4, *([1, 1] if conv else []), seed=121)
+    down = r(4, *shape[1:], seed=122)
+    ad = LoRA(up=up, down=down, alpha=2.0)
+    wp = w0 + ad.delta(w0)
+    norm = wp.transpose(0, 1).reshape(shape[1], -1).norm(dim=1)
+    mag = (norm * 1.1).reshape(1, shape[1], *([1, 1] if conv else []))   # [1, in(, 1, 1)]: input axis
+    ours = w0 + LoRA(up=up, down=down, alpha=2.0, dora_scale=mag).delta(w0)
+    ref = general.weight_decompose(wp, mag, 1, wd_on_out=False, backend="torch")
+    assert (ours - ref).abs().max() <= TOL
+
+
+def test_against_lycoris_full_diff(mp, tmp_path):
+    general = pytest.importorskip("lycoris.functional.general")
+    diff, diff_b = r(256, 32, seed=123), r(256, seed=124)
+    k = kohya(LIN)
+    f = tmp_path / "full.safetensors"
+    save_file({f"{k}.diff": diff, f"{k}.diff_b": diff_b}, str(f))
+    params = dict(mp.model.named_parameters())
+    w0, b0 = weight(mp, LIN), params[f"unet.{LIN}.bias"].detach().clone()
+    new, _, _ = load_lora(mp, None, f, 0.7)
+    new.patch_model()
+    try:      # LyCORIS FullModule.make_weight merges weight and bias with add_scaled(org, diff, scale)
+        assert (params[f"unet.{LIN}.weight"] - general.add_scaled(w0, diff, 0.7, backend="torch")).abs().max() <= TOL
+        assert (params[f"unet.{LIN}.bias"] - general.add_scaled(b0, diff_b, 0.7, backend="torch")).abs().max() <= TOL
+    finally:
+        new.unpatch_model()
 
 
 def test_ia3_record_is_weight_dependent():
