@@ -350,7 +350,10 @@ def load_lora(model: ModelPatcher | None, clip: Any | None, path: str | os.PathL
                                                        f"not for this {ours} model")
     if cov.matched_keys == 0:
         fam, why = guess_lora_family(lf)
-        if fam is not None and fam != ours:
+        if cov.skipped_text_encoder and not cov.unmatched:
+            hint = (f"all {cov.skipped_text_encoder} of its keys are for the text encoder, which a model-only "
+                    f"load does not patch; load it with LoraLoader (model and clip)")
+        elif fam is not None and fam != ours:
             hint = f"it seems to be a LoRA for {fam} ({why})"
         elif fam is not None:
             hint = f"it looks like a {fam} LoRA ({why}) but none of its module names or shapes fit"
