@@ -178,6 +178,21 @@ def test_100_random_cycles_leave_the_model_bitwise_equal():
     assert bit_equal(m, ref)
 
 
+def test_delta_cache_stays_within_its_byte_budget():
+    cache = patcher_mod.DeltaCache(budget_bytes=3 * 32 * 32 * 4)          # three 32x32 fp32 deltas
+    ts = [torch.full((32, 32), float(i)) for i in range(5)]
+    for i, t in enumerate(ts):
+        cache.put((i,), t)
+        assert cache.nbytes <= cache.budget_bytes
+    assert cache.get((0,)) is None and cache.get((1,)) is None          # least recently used went first
+    assert cache.get((4,)) is ts[4] and cache.nbytes == 3 * 32 * 32 * 4
+    assert cache.get((2,)) is ts[2]                                      # now the most recently used
+    cache.put((5,), torch.zeros(32, 32))
+    assert cache.get((2,)) is ts[2] and cache.get((3,)) is None
+    cache.put((6,), torch.zeros(64, 64))                                 # larger than the budget: not kept
+    assert cache.get((6,)) is None and cache.nbytes == 3 * 32 * 32 * 4
+
+
 def test_strength_change_reuses_cached_deltas():
     m = small_module()
     g = torch.Generator().manual_seed(11)
