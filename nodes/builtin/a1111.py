@@ -101,6 +101,7 @@ def apply_extra_networks(model: Any, clip: Any, prompt: str) -> tuple[Any, Any, 
         rt.warn(f"A1111Prompt: {lora_error}; no LoRA of this prompt was applied (as A1111)",
                 {"type": "extra_network_error", "tags": [t.source for t in tags]})
         loras = []
+    coverages = []
     for lora in loras:
         found = _find("loras", lora.name)
         if found is None:
@@ -110,10 +111,13 @@ def apply_extra_networks(model: Any, clip: Any, prompt: str) -> tuple[Any, Any, 
         path = current_folders().resolve("loras", found)
         new_model, new_clip, coverage = load_lora(model, clip, path, lora.unet, lora.te, display_name=found)
         model, clip = new_model if new_model is not None else model, new_clip if new_clip is not None else clip
+        coverages.append(coverage.as_dict())
         if coverage.unmatched:
             rt.warn(f"A1111Prompt: LoRA {found}: {len(coverage.unmatched)} of {coverage.total_keys} keys were "
                     f"not applied (e.g. {coverage.unmatched[0][0]}: {coverage.unmatched[0][1]})",
                     {"type": "lora_keys_unmatched", "lora": found, **coverage.as_dict()})
+    if coverages:
+        rt.record("lora_coverage", coverages)        # per file, kept with the prompt's history (node_records)
     for tag in tags:
         if tag.kind != "hypernet":
             continue

@@ -21,7 +21,7 @@ STRENGTH = {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01}
 
 def _report(name: str, coverage: LoraCoverage) -> None:
     rt = current()
-    rt.record("lora_coverage", coverage.as_dict())    # kept with the prompt's history (node_records)
+    rt.record("lora_coverage", [coverage.as_dict()])   # per file, kept with the prompt's history (node_records)
     if coverage.unmatched:
         n = len(coverage.unmatched)
         hint = f"; {coverage.family_hint}" if coverage.family_hint else ""

@@ -191,6 +191,23 @@ def test_tag_problems_are_warnings(env) -> None:
     assert [d.get("type") for e, d in seen] == ["extra_network_error"] and m is model   # A1111: none applied
 
 
+def test_lora_coverage_is_recorded_per_file(env, tmp_path: Path) -> None:
+    model, clip = env
+    loras = tmp_path / "models" / "loras"
+    (loras / "other.safetensors").write_bytes((loras / "styles" / f"{LORA}.safetensors").read_bytes())
+    rt, seen = events()
+    with running(rt):
+        A1111Prompt().encode(model, clip, f"<lora:{LORA}:0.5> <lora:other:1> cat", "", 4)
+    records = [d for e, d in seen if e == "node_record"]
+    assert [r["name"] for r in records] == ["lora_coverage"]
+    covs = records[0]["data"]
+    assert [c["file"] for c in covs] == [f"styles/{LORA}.safetensors", "other.safetensors"]
+    # the demo LoRA also covers blocks this tiny model lacks: both files report the same split
+    assert covs[0]["matched_keys"] > 0 and covs[0]["unmatched_count"] > 0
+    assert all(c["matched_keys"] + c["unmatched_count"] == c["total_keys"] for c in covs)
+    assert [c["matched_keys"] for c in covs] == [covs[0]["matched_keys"]] * 2
+
+
 def test_negative_keeps_tags_as_text_and_is_not_split_on_and(env) -> None:
     model, clip = env
     m, _, _, neg = A1111Prompt().encode(model, clip, "cat", "<lora:easel-demo-lora:1> AND dog:0.5", 4)

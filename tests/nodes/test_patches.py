@@ -163,12 +163,12 @@ def test_strength_changes_rerun_only_the_side_they_touch(tmp_path):
         first = ex.run(prompt(1.0, 1.0))
         assert first.ok
         # the file's key coverage goes with the prompt's history entry (RunResult.node_records)
-        cov = first.node_records["10"]["lora_coverage"]
+        (cov,) = first.node_records["10"]["lora_coverage"]
         assert cov["file"] == "l.safetensors" and cov["total_keys"] == 4 and cov["matched_keys"] == 4
         assert cov["unmatched_count"] == 0 and cov["model_weights"] == 1 and cov["clip_weights"] == 1
         log.clear()
         again = ex.run(prompt(1.0, 1.0))                    # all cached: the coverage is still there
-        assert again.ok and log.executed_nodes() == [] and again.node_records["10"]["lora_coverage"] == cov
+        assert again.ok and log.executed_nodes() == [] and again.node_records["10"]["lora_coverage"] == [cov]
         assert ex.run(prompt(0.5, 1.0)).ok                  # only strength_model
         ran = set(log.executed_nodes())
         assert "10" in ran and "3" in ran and not ran & {"6", "7"}
