@@ -156,8 +156,8 @@ class JobEvents:
             self.to_client(event, data)
         elif event == ev.EXECUTION_CACHED:
             self.to_client(event, data)
-        elif event == ev.WARNING:
-            self.to_client("warning", data)
+        elif event in (ev.WARNING, ev.NODE_RECORD):    # about this job: its client only
+            self.to_client(event, data)
         elif event == ev.EXPLAIN:
             log.debug("node %s (%s) runs: %s", data.get("node"), data.get("class_type"), "; ".join(data.get("reasons", [])))
         else:                            # plugin messages emitted through the runtime
