@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import io
+import json
 import logging
 import threading
 import time
@@ -48,7 +49,8 @@ def history_entry(job: Job, status_str: str, outputs: dict[str, Any],
                        "messages": [[name, data] for name, data in messages]},
             "meta": {nid: {"node_id": nid, "display_node": nid, "parent_node": None, "real_node_id": nid}
                      for nid in outputs},
-            "node_records": dict(node_records or {})}
+            # JSON-safe now (a plugin may record any object): /history answers from memory
+            "node_records": json.loads(json.dumps(node_records or {}, default=str))}
 
 
 def _encode_preview(image: Any) -> tuple[bytes, str] | None:
