@@ -28,6 +28,7 @@ from diffusion.errors import ModelFileError
 from diffusion.lora_keys import clip_key_map, looks_like_text_encoder, split_key, unet_key_map
 from diffusion.lora_weights import IA3, Full, LoHa, LoKr, LoRA, SetWeight, padded_in_channels
 from diffusion.patcher import ModelPatcher, identity_token
+from diffusion.state_dict import load_state_dict
 
 # ----------------------------------------------------------------------------------------------
 # reading
@@ -63,28 +64,9 @@ def read_lora_file(path: str | os.PathLike[str]) -> LoraFile:
         if hit is not None:
             _FILES.move_to_end(token)
             return hit
-    metadata: dict[str, str] = {}
-    try:
-        if path.lower().endswith((".safetensors", ".sft")):
-            from safetensors import safe_open
-            tensors: dict[str, torch.Tensor] = {}
-            with safe_open(path, framework="pt") as f:
-                metadata = dict(f.metadata() or {})
-                for k in f.keys():
-                    tensors[k] = f.get_tensor(k)
-        else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-            if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
-                obj = obj["state_dict"]
-            if not isinstance(obj, Mapping):
-                raise ModelFileError(path, f"expected a dict of tensors, found {type(obj).__name__}")
-            tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-    except ModelFileError:
-        raise
-    except Exception as e:  # corrupt header, truncated file, pickle refused by weights_only
-        raise ModelFileError(path, f"not a readable LoRA file ({type(e).__name__}: {e})") from e
-    if not tensors:
-        raise ModelFileError(path, "contains no tensors")
+    # the reader follows the file's content (a safetensors file named .pt still loads), refuses
+    # pickles that ask for code, and names empty, text and truncated files for what they are
+    tensors, metadata = load_state_dict(path, with_metadata=True)
     lf = LoraFile(path=path, token=token, tensors=tensors, metadata=metadata)
     with _lock:
         _FILES[token] = lf
@@ -122,10 +104,28 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def _check_fits(delta_shape: tuple[int, ...], shape: torch.Size, what: str) -> None:
-    if _numel(tuple(delta_shape)) == _numel(tuple(shape)) or padded_in_channels(tuple(delta_shape), tuple(shape)):
+def _check_fits(delta_shape: tuple[int, ...], shape: torch.Size, what: str, same_out: bool = False) -> None:
+    """The delta has the weight's size (or is an inpainting-padded conv delta); `same_out`: also its
+    output dimension (a [64, 16] product is no [32, 32] weight, though the sizes agree)."""
+    if padded_in_channels(tuple(delta_shape), tuple(shape)) or (
+            _numel(tuple(delta_shape)) == _numel(tuple(shape))
+            and (not same_out or tuple(delta_shape)[:1] == tuple(shape)[:1])):
         return
     raise NotApplicable(f"{what} delta has shape {list(delta_shape)}, the weight {list(shape)}")
+
+
+def _check_combines(ad: Any, shape: torch.Size, what: str) -> None:
+    """The adapter's factors multiply out to a delta for the weight: the delta is built on the meta
+    device (shapes only, no arithmetic), so a file whose factors disagree (an up of rank 4 with a down
+    of rank 2) is refused here, naming its key, instead of failing in the sampler."""
+    fields = {f.name: v.to("meta") for f in dataclasses.fields(ad)
+              if isinstance(v := getattr(ad, f.name), torch.Tensor)}
+    factors = ", ".join(f"{k} {list(v.shape)}" for k, v in fields.items())
+    try:
+        dataclasses.replace(ad, **fields).delta(torch.empty(tuple(shape), device="meta"))
+    except (RuntimeError, ValueError, IndexError) as e:
+        raise NotApplicable(f"{what} factors ({factors}) do not make a delta for the weight {list(shape)}: "
+                            f"{str(e).splitlines()[0]}") from None
 
 
 def build_adapters(parts: Mapping[str, tuple[str, torch.Tensor]], target: str,
@@ -143,7 +143,13 @@ def build_adapters(parts: Mapping[str, tuple[str, torch.Tensor]], target: str,
         if "scale" in t and alpha is None:      # A1111 `scale` overrides alpha / rank
             alpha = float(t["scale"]) * int(t["down"].shape[0])
         ad: Any = LoRA(up=t["up"], down=t["down"], mid=t.get("mid"), alpha=alpha, dora_scale=dora)
-        _check_fits(ad.delta_shape(), shape, "LoRA")
+        _check_fits(ad.delta_shape(), shape, "LoRA", same_out=True)
+        if ad.mid is None and ad.dora_scale is None:       # the common case, checked directly
+            if ad.up.dim() < 2 or ad.up.shape[1] != ad.down.shape[0]:
+                raise NotApplicable(f"LoRA up {list(ad.up.shape)} and down {list(ad.down.shape)} disagree on the "
+                                    f"rank ({ad.up.shape[1] if ad.up.dim() > 1 else '?'} vs {ad.down.shape[0]})")
+        else:
+            _check_combines(ad, shape, "LoRA")
         out[wkey] = ad
     elif "hada_w1_a" in t:
         need = [p for p in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b") if p not in t]
@@ -151,7 +157,8 @@ def build_adapters(parts: Mapping[str, tuple[str, torch.Tensor]], target: str,
             raise NotApplicable(f"LoHa module lacks {need}")
         ad = LoHa(t["hada_w1_a"], t["hada_w1_b"], t["hada_w2_a"], t["hada_w2_b"], t.get("hada_t1"), t.get("hada_t2"),
                   alpha=alpha, dora_scale=dora)
-        _check_fits(ad.delta_shape(), shape, "LoHa")
+        _check_fits(ad.delta_shape(), shape, "LoHa", same_out=True)
+        _check_combines(ad, shape, "LoHa")
         out[wkey] = ad
     elif any(p.startswith("lokr_") for p in t):
         try:
@@ -161,7 +168,8 @@ def build_adapters(parts: Mapping[str, tuple[str, torch.Tensor]], target: str,
             dshape = ad.delta_shape()
         except (ValueError, RuntimeError) as e:
             raise NotApplicable(f"LoKr module: {e}") from e
-        _check_fits(dshape, shape, "LoKr")
+        _check_fits(dshape, shape, "LoKr", same_out=True)
+        _check_combines(ad, shape, "LoKr")
         out[wkey] = ad
     elif "diff" in t or "diff_b" in t:
         if "diff" in t:
@@ -206,8 +214,11 @@ def guess_lora_family(lf: LoraFile) -> tuple[str | None, str]:
     """(family name or None, the evidence) from metadata, key names and widths."""
     meta = lf.metadata
     base = str(meta.get("ss_base_model_version", ""))
-    if base.startswith("sdxl"):
-        return "sdxl", f"metadata ss_base_model_version={base}"
+    # kohya's values: sd_v1, sd_v2, sd_v2_v (v-prediction), sdxl_base_v1-0, sd3, flux1
+    for prefix, fam in (("sdxl", "sdxl"), ("sd_v1", "sd1"), ("sd_v2", "sd2"), ("flux", "flux"),
+                        ("sd3", "a DiT model (SD3/Flux)")):
+        if base.startswith(prefix):
+            return fam, f"metadata ss_base_model_version={base}"
     if str(meta.get("ss_v2", "")).lower() == "true":
         return "sd2", "metadata ss_v2=True"
     keys = list(lf.tensors)

@@ -114,6 +114,9 @@ def read_pickle(path: Path) -> Any:
     try:
         with torch.serialization.safe_globals(_safe_globals()), warnings.catch_warnings():
             warnings.simplefilter("ignore")      # torch's notes about pickle protocols
+            if path.suffix.lower() in SAFETENSORS_EXTENSIONS:      # torch.load would hand the name to safetensors
+                with open(path, "rb") as f:
+                    return torch.load(f, map_location="cpu", weights_only=True)
             return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
     except pickle.UnpicklingError as e:
         text = str(e)
@@ -145,14 +148,38 @@ def unwrap(obj: Any) -> Any:
 
 
 def _sniff(path: Path) -> str:
-    """"safetensors" or "pickle" from the first bytes, for files with an unusual extension."""
+    """What the first bytes say a file is: "safetensors", "pickle" (torch zip or raw pickle), "empty",
+    "text" (e.g. a web page saved by a failed download) or "unknown"."""
     with open(path, "rb") as f:
-        head = f.read(9)
-    if head[:2] == b"PK" or head[:1] == b"\x80":
+        head = f.read(64)
+    if not head:
+        return "empty"
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
         return "pickle"
-    if len(head) == 9 and head[8:9] == b"{":
+    if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") <= path.stat().st_size - 8:
         return "safetensors"
+    if b"\x00" not in head:          # weights files have zero bytes early (lengths, opcodes, headers)
+        text = head.decode("utf-8", errors="replace")
+        if sum(ch.isprintable() or ch in "\r\n\t" for ch in text) >= 0.9 * len(text):
+            return "text"
     return "unknown"
+
+
+def _kind(path: Path) -> str:
+    """The reader a file needs: by its content when that is clear, else by its extension; empty and
+    text files are refused here with what they are."""
+    kind = _sniff(path)
+    if kind == "empty":
+        raise ModelFileError(path, "the file is empty (0 bytes): the download or copy did not finish")
+    if kind == "text":
+        with open(path, "rb") as f:
+            begin = f.read(60).decode("utf-8", errors="replace").strip()
+        raise ModelFileError(path, f"a text file, not model weights (it begins {begin!r}): often a web page or "
+                                   "error message saved in place of the model by a failed download")
+    if kind == "unknown":
+        ext = path.suffix.lower()
+        kind = "safetensors" if ext in SAFETENSORS_EXTENSIONS else "pickle" if ext in PICKLE_EXTENSIONS else kind
+    return kind
 
 
 def load_state_dict(path: str | os.PathLike[str], with_metadata: bool = False
@@ -164,7 +191,7 @@ def load_state_dict(path: str | os.PathLike[str], with_metadata: bool = False
     if not p.is_file():
         raise ModelFileError(p, "not a file")
     ext = p.suffix.lower()
-    kind = "safetensors" if ext in SAFETENSORS_EXTENSIONS else "pickle" if ext in PICKLE_EXTENSIONS else _sniff(p)
+    kind = _kind(p)
     meta: dict[str, str] = {}
     if kind == "safetensors":
         tensors, meta = read_safetensors(p)
@@ -282,8 +309,7 @@ def open_state_dict(path: str | os.PathLike[str]) -> SafetensorsFile | CastView:
     """A model file as a mapping with `.shape(key)` and `.cast(dtype)`-style views: safetensors lazily
     (read per tensor), torch files loaded (safely) up front."""
     p = Path(path)
-    if p.is_file() and (p.suffix.lower() in SAFETENSORS_EXTENSIONS or
-                        (p.suffix.lower() not in PICKLE_EXTENSIONS and _sniff(p) == "safetensors")):
+    if p.is_file() and _kind(p) == "safetensors":
         return SafetensorsFile.open(p)
     sd = load_state_dict(p)
     assert isinstance(sd, dict)

@@ -192,6 +192,31 @@ def test_shape_mismatch_is_reported_with_the_reason(tmp_path):
     assert all("shape" in reason for _, reason in cov.unmatched)
 
 
+def test_factors_that_do_not_multiply_out_are_refused_at_load(tmp_path):
+    model, _ = build("sd1")
+    blk = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_"     # to_q/k/v/out: [32, 32]
+    g = torch.Generator().manual_seed(4)
+    r = (lambda *shape: torch.randn(*shape, generator=g))
+    path = write(tmp_path, {
+        f"{blk}to_q.lora_up.weight": r(32, 4), f"{blk}to_q.lora_down.weight": r(2, 32),    # ranks 4 and 2
+        f"{blk}to_k.lora_up.weight": r(64, 2), f"{blk}to_k.lora_down.weight": r(2, 16),    # [64, 16]: 1024 numbers too
+        f"{blk}to_v.hada_w1_a": r(32, 2), f"{blk}to_v.hada_w1_b": r(3, 32),               # LoHa ranks 2 and 3
+        f"{blk}to_v.hada_w2_a": r(32, 2), f"{blk}to_v.hada_w2_b": r(2, 32),
+        f"{blk}to_out_0.lora_up.weight": r(32, 2), f"{blk}to_out_0.lora_down.weight": r(2, 32)})
+    m, _, cov = load_lora(model, None, path, 1.0)
+    reasons = dict(cov.unmatched)
+    assert cov.matched_keys == 2 and len(reasons) == 8
+    assert "disagree on the rank (4 vs 2)" in reasons[f"{blk}to_q.lora_up.weight"]
+    assert "delta has shape [64, 16], the weight [32, 32]" in reasons[f"{blk}to_k.lora_down.weight"]
+    assert "LoHa factors" in reasons[f"{blk}to_v.hada_w1_b"] and "[32, 32]" in reasons[f"{blk}to_v.hada_w1_b"]
+    m.patch_model()              # what was accepted patches cleanly: the sampler never sees the bad factors
+    m.unpatch_model()
+    only_bad = write(tmp_path, {f"{blk}to_q.lora_up.weight": r(32, 4), f"{blk}to_q.lora_down.weight": r(2, 32)},
+                     "bad.safetensors")
+    with pytest.raises(ModelFileError, match=r"bad\.safetensors.*to_q.*rank \(4 vs 2\)"):
+        load_lora(model, None, only_bad, 1.0)
+
+
 def test_model_only_skips_text_encoder_keys_without_reporting_them(tmp_path):
     model, clip = build("sd1")
     file = kohya_lora(model, clip)
@@ -217,6 +242,11 @@ def test_wrong_family_lora_names_the_family(tmp_path):
                  {"ss_base_model_version": "sdxl_base_v1-0"})
     with pytest.raises(ModelFileError, match="sdxl.*ss_base_model_version"):
         load_lora(sd1_model, None, meta, 1.0)
+    # kohya's SD1 marker on an SDXL model: partly applied (widths coincide), the warning names sd1
+    sd1_file = kohya_lora(sd1_model, sd1_clip)
+    marked = write(tmp_path, sd1_file, "sd1.safetensors", {"ss_base_model_version": "sd_v1"})
+    _, _, cov = load_lora(sdxl_model, sdxl_clip, marked, 1.0, 1.0)
+    assert cov.unmatched and "LoRA for sd1 (metadata ss_base_model_version=sd_v1)" in (cov.family_hint or "")
 
 
 def test_strength_zero_side_is_returned_unchanged_and_cache_keeps_fingerprints(tmp_path):
@@ -242,8 +272,17 @@ def test_unreadable_file_is_a_model_file_error(tmp_path):
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a safetensors file")
     model, _ = build("sd1")
-    with pytest.raises(ModelFileError, match="bad.safetensors"):
+    with pytest.raises(ModelFileError, match=r"bad\.safetensors.*a text file"):
         load_lora(model, None, bad, 1.0)
+    empty = tmp_path / "empty.safetensors"
+    empty.write_bytes(b"")
+    with pytest.raises(ModelFileError, match=r"empty\.safetensors.*empty \(0 bytes\)"):
+        load_lora(model, None, empty, 1.0)
+    # the reader follows the content: a safetensors LoRA saved as .pt loads
+    renamed = tmp_path / "renamed.pt"
+    renamed.write_bytes(write(tmp_path, kohya_lora(model, None)).read_bytes())
+    _, _, cov = load_lora(model, None, renamed, 1.0)
+    assert cov.matched_keys == cov.total_keys > 0
 
 
 def test_sdxl_diffusers_names_reach_both_text_encoders(tmp_path):

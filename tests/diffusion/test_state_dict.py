@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from diffusion.errors import ModelFileError
-from diffusion.state_dict import load_state_dict, pickle_globals
+from diffusion.state_dict import load_state_dict, open_state_dict, pickle_globals
 
 
 def test_safetensors_tensors_and_metadata(tmp_path: Path) -> None:
@@ -116,3 +116,26 @@ def test_file_without_tensors(tmp_path: Path) -> None:
     torch.save({"a": 1, "b": "text"}, p)
     with pytest.raises(ModelFileError, match="no tensors"):
         load_state_dict(p)
+
+
+def test_empty_and_text_files_say_what_they_are(tmp_path: Path) -> None:
+    empty = tmp_path / "model.safetensors"
+    empty.write_bytes(b"")
+    with pytest.raises(ModelFileError, match=r"model\.safetensors.*empty \(0 bytes\)"):
+        load_state_dict(empty)
+    page = tmp_path / "lora.pt"
+    page.write_text("<!DOCTYPE html><html><head><title>Sign in to download</title></head></html>")
+    with pytest.raises(ModelFileError, match=r"lora\.pt.*a text file.*<!DOCTYPE html>.*failed download"):
+        load_state_dict(page)
+
+
+def test_the_content_decides_the_reader_not_the_extension(tmp_path: Path) -> None:
+    st = tmp_path / "really_safetensors.ckpt"
+    save_file({"w": torch.ones(2)}, str(st), metadata={"k": "v"})
+    tensors, meta = load_state_dict(st, with_metadata=True)
+    assert torch.equal(tensors["w"], torch.ones(2)) and meta == {"k": "v"}
+    assert torch.equal(open_state_dict(st)["w"], torch.ones(2))
+    pk = tmp_path / "really_pickle.safetensors"
+    torch.save({"w": torch.zeros(3)}, pk)
+    assert torch.equal(load_state_dict(pk)["w"], torch.zeros(3))
+    assert torch.equal(open_state_dict(pk)["w"], torch.zeros(3))
