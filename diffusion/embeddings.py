@@ -31,6 +31,7 @@ import torch
 from safetensors.torch import load_file
 
 from diffusion.errors import ModelFileError
+from diffusion.state_dict import file_kind
 
 EXTENSIONS = (".safetensors", ".pt", ".bin")
 WIDTH_TO_KEY = {768: "l", 1024: "h", 1280: "g"}
@@ -145,14 +146,14 @@ def _raw_zip_vectors(path: Path) -> torch.Tensor:
 
 
 def _read(path: Path) -> Mapping[str, object]:
-    suffix = path.suffix.lower()
-    if suffix == ".safetensors":
+    if file_kind(path) == "safetensors":         # by content; empty and text files are refused there
         try:
             return load_file(str(path), device="cpu")
         except Exception as exc:  # noqa: BLE001 - any failure means an unreadable file; reported with its path
             raise ModelFileError(path, f"not a readable safetensors file ({exc})") from None
     try:
-        data = torch.load(str(path), map_location="cpu", weights_only=True)
+        with open(path, "rb") as f:               # (a file object: torch.load goes by content, not name)
+            data = torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         return {"string_to_param": {"*": _raw_zip_vectors(path)}}
     except Exception as exc:  # noqa: BLE001 - any failure means an unreadable file; reported with its path

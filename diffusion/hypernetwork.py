@@ -51,6 +51,7 @@ import torch
 from torch import nn
 
 from diffusion.errors import ModelFileError
+from diffusion.state_dict import file_kind
 
 KV_HOOK_KEYS = ("attn2_kv", "attn1_kv")        # cross-attention (contract) and self-attention
 
@@ -264,8 +265,12 @@ class HypernetworkHook:
 
 
 def _read(path: Path) -> Mapping[Any, Any]:
+    if file_kind(path) == "safetensors":         # (empty and text files are refused there)
+        raise ModelFileError(path, "a safetensors file, but A1111 hypernetworks are torch .pt files "
+                                   "(a LoRA or an embedding in the hypernetworks folder?)")
     try:
-        data = torch.load(str(path), map_location="cpu", weights_only=True)
+        with open(path, "rb") as f:
+            data = torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise ModelFileError(path, f"refused by the safe loader (weights_only): {str(exc).splitlines()[0]}") from None
     except Exception as exc:  # noqa: BLE001 - any failure means an unreadable file; reported with its path

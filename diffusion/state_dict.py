@@ -165,7 +165,7 @@ def _sniff(path: Path) -> str:
     return "unknown"
 
 
-def _kind(path: Path) -> str:
+def file_kind(path: Path) -> str:
     """The reader a file needs: by its content when that is clear, else by its extension; empty and
     text files are refused here with what they are."""
     kind = _sniff(path)
@@ -191,7 +191,7 @@ def load_state_dict(path: str | os.PathLike[str], with_metadata: bool = False
     if not p.is_file():
         raise ModelFileError(p, "not a file")
     ext = p.suffix.lower()
-    kind = _kind(p)
+    kind = file_kind(p)
     meta: dict[str, str] = {}
     if kind == "safetensors":
         tensors, meta = read_safetensors(p)
@@ -309,7 +309,7 @@ def open_state_dict(path: str | os.PathLike[str]) -> SafetensorsFile | CastView:
     """A model file as a mapping with `.shape(key)` and `.cast(dtype)`-style views: safetensors lazily
     (read per tensor), torch files loaded (safely) up front."""
     p = Path(path)
-    if p.is_file() and _kind(p) == "safetensors":
+    if p.is_file() and file_kind(p) == "safetensors":
         return SafetensorsFile.open(p)
     sd = load_state_dict(p)
     assert isinstance(sd, dict)

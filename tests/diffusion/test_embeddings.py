@@ -95,6 +95,17 @@ def test_bad_files_name_the_file(tmp_path: Path, data: dict, message: str) -> No
     assert str(path) in str(err.value)
 
 
+def test_empty_text_and_misnamed_files(tmp_path: Path) -> None:
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(ModelFileError, match=r"empty\.pt.*is empty"):
+        load_embedding(tmp_path / "empty.pt")
+    (tmp_path / "page.pt").write_text("<html><body>404 Not Found</body></html>")
+    with pytest.raises(ModelFileError, match=r"page\.pt.*a text file"):
+        load_embedding(tmp_path / "page.pt")
+    save_file({"emb_params": rows(2, 8, 0)}, str(tmp_path / "named.pt"))      # safetensors under a .pt name
+    torch.testing.assert_close(load_embedding(tmp_path / "named.pt").vectors["l"], rows(2, 8, 0), rtol=0, atol=0)
+
+
 def test_pickled_code_is_never_run(tmp_path: Path) -> None:
     class Evil:
         def __reduce__(self):

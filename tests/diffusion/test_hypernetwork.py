@@ -213,6 +213,19 @@ def test_bad_files_name_the_problem(tmp_path: Path, data: dict, message: str) ->
     assert "bad.pt" in str(err.value)
 
 
+def test_empty_text_and_safetensors_files_say_what_they_are(tmp_path: Path) -> None:
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(ModelFileError, match=r"empty\.pt.*empty \(0 bytes\)"):
+        load_hypernetwork(tmp_path / "empty.pt")
+    (tmp_path / "page.pt").write_text("Access denied. Please log in to download this file.")
+    with pytest.raises(ModelFileError, match=r"page\.pt.*a text file"):
+        load_hypernetwork(tmp_path / "page.pt")
+    from safetensors.torch import save_file
+    save_file({"lora_unet_x.lora_down.weight": torch.zeros(2, 4)}, str(tmp_path / "lora.pt"))
+    with pytest.raises(ModelFileError, match=r"lora\.pt.*a safetensors file.*hypernetworks are torch \.pt"):
+        load_hypernetwork(tmp_path / "lora.pt")
+
+
 def test_shape_mismatch_names_the_layer(tmp_path: Path) -> None:
     data = hypernetwork_file([8], seed=1)
     data[8][0]["linear.0.weight"] = torch.zeros(16, 9)
