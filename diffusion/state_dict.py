@@ -154,10 +154,12 @@ def _sniff(path: Path) -> str:
         head = f.read(64)
     if not head:
         return "empty"
-    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
-        return "pickle"
+    # safetensors first: its header length (little-endian) may begin with the pickle marker 0x80;
+    # a pickle or a zip read as such a length is far larger than the file
     if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") <= path.stat().st_size - 8:
         return "safetensors"
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
+        return "pickle"
     if b"\x00" not in head:          # weights files have zero bytes early (lengths, opcodes, headers)
         text = head.decode("utf-8", errors="replace")
         if sum(ch.isprintable() or ch in "\r\n\t" for ch in text) >= 0.9 * len(text):

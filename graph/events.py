@@ -8,8 +8,9 @@ Event names and payloads follow ComfyUI's websocket messages (protocol.md 4), pl
 """
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 EventSink = Callable[[str, dict[str, Any]], None]
@@ -28,6 +29,23 @@ EXPLAIN = "explain"
 
 JOB_EVENTS = frozenset({EXECUTION_START, EXECUTION_CACHED, EXECUTION_ERROR,
                         EXECUTION_INTERRUPTED, EXECUTION_SUCCESS})
+
+
+def json_safe(value: Any, depth: int = 0) -> Any:
+    """`value` as plain JSON data: dict keys become strings, tuples and sets lists, non-finite floats
+    and any other object their `str()`; nesting deeper than 32 levels (or a cycle) is cut there.
+    For what nodes record (`NodeRuntime.record`), which goes to the history, SQLite and the CLI."""
+    if depth > 32:
+        return "..."
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, Mapping):
+        return {str(k): json_safe(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [json_safe(v, depth + 1) for v in value]
+    return str(value)
 
 
 def timestamp_ms() -> int:

@@ -71,6 +71,13 @@ class _Link(NamedTuple):
     lazy: bool
 
 
+def _merge_record(bucket: dict[str, Any], name: str, data: Any) -> None:
+    """A node's records by name: a later record replaces an earlier one, except that lists add up (a
+    node mapped over a list of inputs records once per call, e.g. one LoRA coverage per file)."""
+    old = bucket.get(name)
+    bucket[name] = old + data if isinstance(old, list) and isinstance(data, list) else data
+
+
 def _digest(payload: str) -> str:
     return hashlib.blake2b(payload.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
 
@@ -147,13 +154,16 @@ class _Run:
         elif event == ev.NODE_RECORD:
             node_id, name = str(data.get("node")), str(data.get("name"))
             self.pending_records.setdefault(node_id, []).append((name, data.get("data")))
-            self.result.node_records.setdefault(node_id, {})[name] = data.get("data")
+            _merge_record(self.result.node_records.setdefault(node_id, {}), name, data.get("data"))
         self.ex.sink(event, data)
 
     def keep_cached_records(self, node_id: str, entry: CacheEntry) -> None:
         """What a node recorded when it ran, for this prompt's history (its output came from the cache)."""
-        for name, data in entry.node_records:
-            self.result.node_records.setdefault(node_id, {})[name] = data
+        if entry.node_records:
+            bucket: dict[str, Any] = {}
+            for name, data in entry.node_records:
+                _merge_record(bucket, name, data)
+            self.result.node_records[node_id] = bucket
 
     # -- signatures ------------------------------------------------------------------------------
     def spec(self, node_id: str) -> NodeSpec:
@@ -460,6 +470,8 @@ class _Run:
         hidden = self.hidden(node_id, spec)
         outputs: tuple[list[Any], ...] = tuple([] for _ in range(n_out))
         ui: dict[str, Any] | None = None
+        self.result.node_records.pop(node_id, None)     # (a cached entry's, when the node re-runs)
+        self.pending_records.pop(node_id, None)
         token = CURRENT_RUNTIME.set(self.runtime(node_id))
         try:
             if spec.input_is_list:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import inspect
 import io
-import json
 import logging
 import threading
 import time
@@ -50,7 +49,7 @@ def history_entry(job: Job, status_str: str, outputs: dict[str, Any],
             "meta": {nid: {"node_id": nid, "display_node": nid, "parent_node": None, "real_node_id": nid}
                      for nid in outputs},
             # JSON-safe now (a plugin may record any object): /history answers from memory
-            "node_records": json.loads(json.dumps(node_records or {}, default=str))}
+            "node_records": ev.json_safe(node_records or {})}
 
 
 def _encode_preview(image: Any) -> tuple[bytes, str] | None:

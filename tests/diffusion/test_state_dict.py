@@ -139,3 +139,12 @@ def test_the_content_decides_the_reader_not_the_extension(tmp_path: Path) -> Non
     torch.save({"w": torch.zeros(3)}, pk)
     assert torch.equal(load_state_dict(pk)["w"], torch.zeros(3))
     assert torch.equal(open_state_dict(pk)["w"], torch.zeros(3))
+
+
+def test_a_header_length_that_begins_like_a_pickle_is_still_safetensors(tmp_path: Path) -> None:
+    # a 128-byte header: the file's first byte is 0x80, the pickle marker
+    p = tmp_path / "t.safetensors"
+    save_file({"k" * 68: torch.arange(2.0)}, str(p))
+    assert p.read_bytes()[0] == 0x80
+    assert torch.equal(load_state_dict(p)["k" * 68], torch.arange(2.0))
+    assert torch.equal(open_state_dict(p)["k" * 68], torch.arange(2.0))

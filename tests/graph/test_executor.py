@@ -365,9 +365,11 @@ def test_node_records_reach_the_result_also_from_the_cache(executor: Executor, l
               "5": {"class_type": "Sink", "inputs": {"value": ["4", 0]}}}
     first = executor.run(prompt)
     assert first.ok
-    expected = {"2": {"seen": {"value": 4, "doubled": 8}}, "3": {"seen": {"value": 7, "doubled": 14}}}
+    expected = {"2": {"seen": {"value": 4, "doubled": 8}, "values": [4]},
+                "3": {"seen": {"value": 7, "doubled": 14}, "values": [7]}}
     assert first.node_records == expected
-    assert [d["node"] for e, d in log.events if e == "node_record"] == sorted(["2", "3"], key=log.executed_nodes().index)
+    seen = [d["node"] for e, d in log.events if e == "node_record" and d["name"] == "seen"]
+    assert seen == sorted(["2", "3"], key=log.executed_nodes().index)
     # everything cached: nothing runs, the prompt still carries what its nodes recorded
     testnodes.CALLS.clear()
     second = executor.run(prompt)
@@ -377,4 +379,17 @@ def test_node_records_reach_the_result_also_from_the_cache(executor: Executor, l
     prompt["3"]["inputs"]["value"] = 9
     third = executor.run(prompt)
     assert [c for c in testnodes.CALLS if c[0] == "Noted"] == [("Noted", 9)]
-    assert third.node_records == {"2": {"seen": {"value": 4, "doubled": 8}}, "3": {"seen": {"value": 9, "doubled": 18}}}
+    assert third.node_records == {"2": expected["2"], "3": {"seen": {"value": 9, "doubled": 18}, "values": [9]}}
+
+
+def test_a_mapped_node_adds_up_its_list_records(executor: Executor, log: EventLog) -> None:
+    prompt = {"1": {"class_type": "Fanout", "inputs": {"count": 3}},
+              "2": {"class_type": "Noted", "inputs": {"value": ["1", 0]}},
+              "3": {"class_type": "SumList", "inputs": {"values": ["2", 0]}},
+              "4": {"class_type": "Sink", "inputs": {"value": ["3", 0]}}}
+    first = executor.run(prompt)
+    assert first.ok
+    # one call per item: list records add up, others keep the last call's
+    assert first.node_records["2"] == {"values": [0, 1, 2], "seen": {"value": 2, "doubled": 4}}
+    second = executor.run(prompt)                # from the cache: the same, not doubled
+    assert second.node_records == first.node_records

@@ -266,6 +266,7 @@ class Noted:
     def run(self, value: int) -> tuple[int]:
         CALLS.append(("Noted", value))
         current().record("seen", {"value": value, "doubled": 2 * value})
+        current().record("values", [value])       # lists add up over the calls of a mapped node
         return (value,)
 
 

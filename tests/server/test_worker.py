@@ -16,3 +16,15 @@ def test_history_entry_carries_node_records_json_safe() -> None:
                                            "where": "/x/y"}}
     assert json.loads(json.dumps(entry))["node_records"] == entry["node_records"]
     assert history_entry(job, "error", {}, [])["node_records"] == {}
+
+
+def test_history_entry_survives_what_plugins_record() -> None:
+    job = Job("p2", 1.0, {"1": {"class_type": "ShowInt", "inputs": {"value": 1}}}, {}, ["1"])
+    cyclic: dict = {"name": "loop"}
+    cyclic["self"] = cyclic
+    records = {"4": {"sizes": {(512, 768): 2}, "score": float("nan"), "tags": {"a"}, "loop": cyclic}}
+    entry = history_entry(job, "success", {}, [], records)
+    text = json.dumps(entry, allow_nan=False)                 # plain JSON: no NaN, string keys, no cycle
+    rec = json.loads(text)["node_records"]["4"]
+    assert rec["sizes"] == {"(512, 768)": 2} and rec["score"] == "nan" and rec["tags"] == ["a"]
+    assert rec["loop"]["name"] == "loop"
