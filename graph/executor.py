@@ -152,9 +152,10 @@ class _Run:
         if event in ev.JOB_EVENTS:
             self.result.messages.append((event, data))
         elif event == ev.NODE_RECORD:
-            node_id, name = str(data.get("node")), str(data.get("name"))
-            self.pending_records.setdefault(node_id, []).append((name, data.get("data")))
-            _merge_record(self.result.node_records.setdefault(node_id, {}), name, data.get("data"))
+            # kept as plain data: a snapshot (the node may change its object later), small in the cache
+            node_id, name, value = str(data.get("node")), str(data.get("name")), ev.json_safe(data.get("data"))
+            self.pending_records.setdefault(node_id, []).append((name, value))
+            _merge_record(self.result.node_records.setdefault(node_id, {}), name, value)
         self.ex.sink(event, data)
 
     def keep_cached_records(self, node_id: str, entry: CacheEntry) -> None:
@@ -162,7 +163,7 @@ class _Run:
         if entry.node_records:
             bucket: dict[str, Any] = {}
             for name, data in entry.node_records:
-                _merge_record(bucket, name, data)
+                _merge_record(bucket, name, ev.json_safe(data))      # a copy: results may be changed
             self.result.node_records[node_id] = bucket
 
     # -- signatures ------------------------------------------------------------------------------

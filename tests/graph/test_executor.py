@@ -375,6 +375,8 @@ def test_node_records_reach_the_result_also_from_the_cache(executor: Executor, l
     second = executor.run(prompt)
     assert second.ok and testnodes.CALLS == []
     assert second.node_records == expected
+    second.node_records["2"]["seen"]["value"] = -1         # a result holds copies, not the cache's records
+    assert executor.run(prompt).node_records == expected
     # a changed input re-runs one recorder; the other's record comes from the cache
     prompt["3"]["inputs"]["value"] = 9
     third = executor.run(prompt)
@@ -393,3 +395,5 @@ def test_a_mapped_node_adds_up_its_list_records(executor: Executor, log: EventLo
     assert first.node_records["2"] == {"values": [0, 1, 2], "seen": {"value": 2, "doubled": 4}}
     second = executor.run(prompt)                # from the cache: the same, not doubled
     assert second.node_records == first.node_records
+    second.node_records["2"]["values"].append(99)   # results hold copies: the cached records stay as they were
+    assert executor.run(prompt).node_records == {"2": {"values": [0, 1, 2], "seen": {"value": 2, "doubled": 4}}}
