@@ -158,11 +158,14 @@ def _sniff(path: Path) -> str:
     # a pickle or a zip read as such a length is far larger than the file
     if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") <= path.stat().st_size - 8:
         return "safetensors"
-    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
-        return "pickle"
+    if head[:4] == b"PK\x03\x04" or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
+        return "pickle"               # a torch zip, or a raw pickle (PROTO opcode with protocol 2-5)
     if b"\x00" not in head:          # weights files have zero bytes early (lengths, opcodes, headers)
-        text = head.decode("utf-8", errors="replace")
-        if sum(ch.isprintable() or ch in "\r\n\t" for ch in text) >= 0.9 * len(text):
+        try:
+            text = head.decode("utf-8")
+        except UnicodeDecodeError as e:  # valid UTF-8 up to a character cut at the end, or not text
+            text = head[:e.start].decode("utf-8") if e.start >= len(head) - 3 else ""
+        if text and sum(ch.isprintable() or ch in "\r\n\t" for ch in text) >= 0.9 * len(text):
             return "text"
     return "unknown"
 
