@@ -2,6 +2,7 @@
 unmatched keys, strict mode, strength 0, and outputs that equal a by-hand merge."""
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pytest
@@ -123,39 +124,52 @@ def test_text_encoder_only_lora_on_a_model_only_load_says_so(setup, tmp_path):
 # ------------------------------------------------------------------ through the executor and its cache
 
 
-def test_strength_changes_rerun_only_the_side_they_touch(tmp_path):
-    from diffusion.demo import DEMO_NAMES, ensure_demo_checkpoint
-    from graph.cache import OutputCache
-    from graph.events import EventLog
-    from graph.executor import Executor
-    from nodes.registry import build_registry
+def _executor_folders(tmp_path: Path, lora_name: str, seed: int) -> ModelFolders:
+    """The demo SD1 checkpoint and a rank-2 LoRA touching one UNet and one text-encoder linear."""
+    from diffusion.demo import ensure_demo_checkpoint
 
     folders = ModelFolders(tmp_path)
     ensure_demo_checkpoint(folders.dirs("checkpoints")[0], "sd1")
     loras = folders.dirs("loras")[0]
     loras.mkdir(parents=True)
-    g = torch.Generator().manual_seed(9)
-    save_file({f"lora_unet_{QD.replace('.', '_')}.lora_down.weight": torch.randn(2, 64, generator=g),
-               f"lora_unet_{QD.replace('.', '_')}.lora_up.weight": torch.randn(64, 2, generator=g),
-               f"lora_te_{TE.replace('.', '_')}.lora_down.weight": torch.randn(2, 32, generator=g),
-               f"lora_te_{TE.replace('.', '_')}.lora_up.weight": torch.randn(32, 2, generator=g)},
-              str(loras / "l.safetensors"))
+    g = torch.Generator().manual_seed(seed)
+    ku, kt = f"lora_unet_{QD.replace('.', '_')}", f"lora_te_{TE.replace('.', '_')}"
+    save_file({f"{ku}.lora_down.weight": torch.randn(2, 64, generator=g),
+               f"{ku}.lora_up.weight": torch.randn(64, 2, generator=g),
+               f"{kt}.lora_down.weight": torch.randn(2, 32, generator=g),
+               f"{kt}.lora_up.weight": torch.randn(32, 2, generator=g)},
+              str(loras / lora_name))
+    return folders
 
-    def prompt(sm: float, sc: float) -> dict:
-        return {
-            "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": DEMO_NAMES["sd1"]}},
-            "10": {"class_type": "LoraLoader", "inputs": {"model": ["4", 0], "clip": ["4", 1], "lora_name": "l.safetensors",
-                                                          "strength_model": sm, "strength_clip": sc}},
-            "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a cat", "clip": ["10", 1]}},
-            "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["10", 1]}},
-            "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-            "3": {"class_type": "KSampler", "inputs": {"seed": 1, "steps": 1, "cfg": 5.0, "sampler_name": "euler",
-                                                        "scheduler": "normal", "denoise": 1.0, "model": ["10", 0],
-                                                        "positive": ["6", 0], "negative": ["7", 0],
-                                                        "latent_image": ["5", 0]}},
-            "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
-            "9": {"class_type": "PreviewImage", "inputs": {"images": ["8", 0]}},
-        }
+
+def _lora_graph(lora_name: str, sm: float, sc: float) -> dict:
+    """checkpoint -> LoraLoader (node 10) -> two CLIPTextEncode (6, 7) + KSampler (3) -> decode -> preview."""
+    from diffusion.demo import DEMO_NAMES
+
+    return {
+        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": DEMO_NAMES["sd1"]}},
+        "10": {"class_type": "LoraLoader", "inputs": {"model": ["4", 0], "clip": ["4", 1], "lora_name": lora_name,
+                                                      "strength_model": sm, "strength_clip": sc}},
+        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a cat", "clip": ["10", 1]}},
+        "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["10", 1]}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "3": {"class_type": "KSampler", "inputs": {"seed": 1, "steps": 1, "cfg": 5.0, "sampler_name": "euler",
+                                                    "scheduler": "normal", "denoise": 1.0, "model": ["10", 0],
+                                                    "positive": ["6", 0], "negative": ["7", 0],
+                                                    "latent_image": ["5", 0]}},
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
+        "9": {"class_type": "PreviewImage", "inputs": {"images": ["8", 0]}},
+    }
+
+
+def test_strength_changes_rerun_only_the_side_they_touch(tmp_path):
+    from graph.cache import OutputCache
+    from graph.events import EventLog
+    from graph.executor import Executor
+    from nodes.registry import build_registry
+
+    folders = _executor_folders(tmp_path, "l.safetensors", seed=9)
+    prompt = functools.partial(_lora_graph, "l.safetensors")
 
     log = EventLog()
     ex = Executor(build_registry(), OutputCache(), log, folders=folders)
@@ -313,25 +327,13 @@ def test_strength_change_on_one_side_leaves_the_other_side_value_and_weights_alo
     """Changing only strength_clip must not re-patch the UNet: the sampler gets a MODEL with the same
     fingerprint and the UNet weights it patched in the first run are not rewritten. Changing only
     strength_model leaves the CLIP value's fingerprint unchanged (and its encodings cached)."""
-    from diffusion.demo import DEMO_NAMES, ensure_demo_checkpoint
     from graph.cache import OutputCache
     from graph.executor import Executor
     from nodes.builtin.sampling import KSampler
     from nodes.registry import build_registry
 
-    folders = ModelFolders(tmp_path)
-    ensure_demo_checkpoint(folders.dirs("checkpoints")[0], "sd1")
-    loras = folders.dirs("loras")[0]
-    loras.mkdir(parents=True)
-    g = torch.Generator().manual_seed(12)
-    ku, kt = f"lora_unet_{QD.replace('.', '_')}", f"lora_te_{TE.replace('.', '_')}"
-    save_file({f"{ku}.lora_down.weight": torch.randn(2, 64, generator=g),
-               f"{ku}.lora_up.weight": torch.randn(64, 2, generator=g),
-               f"{ku}.alpha": torch.tensor(1.0),
-               f"{kt}.lora_down.weight": torch.randn(2, 32, generator=g),
-               f"{kt}.lora_up.weight": torch.randn(32, 2, generator=g),
-               f"{kt}.alpha": torch.tensor(1.0)},
-              str(loras / "two_sides.safetensors"))
+    folders = _executor_folders(tmp_path, "two_sides.safetensors", seed=12)
+    prompt = functools.partial(_lora_graph, "two_sides.safetensors")
 
     sampled: list[ModelPatcher] = []             # the MODEL each KSampler call received
     lora_out: list[tuple[ModelPatcher, CLIP]] = []   # what each LoraLoader call returned
@@ -348,23 +350,6 @@ def test_strength_change_on_one_side_leaves_the_other_side_value_and_weights_alo
 
     monkeypatch.setattr(KSampler, "sample", sample_spy)
     monkeypatch.setattr(LoraLoader, "load_lora", load_spy)
-
-    def prompt(sm: float, sc: float) -> dict:
-        return {
-            "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": DEMO_NAMES["sd1"]}},
-            "10": {"class_type": "LoraLoader", "inputs": {"model": ["4", 0], "clip": ["4", 1],
-                                                          "lora_name": "two_sides.safetensors",
-                                                          "strength_model": sm, "strength_clip": sc}},
-            "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a cat", "clip": ["10", 1]}},
-            "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["10", 1]}},
-            "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-            "3": {"class_type": "KSampler", "inputs": {"seed": 1, "steps": 1, "cfg": 5.0, "sampler_name": "euler",
-                                                        "scheduler": "normal", "denoise": 1.0, "model": ["10", 0],
-                                                        "positive": ["6", 0], "negative": ["7", 0],
-                                                        "latent_image": ["5", 0]}},
-            "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
-            "9": {"class_type": "PreviewImage", "inputs": {"images": ["8", 0]}},
-        }
 
     ex = Executor(build_registry(), OutputCache(), folders=folders)
     with use_folders(folders):
