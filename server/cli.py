@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 from graph.cache import OutputCache
-from graph import events as ev
 from graph.events import EXECUTED, EXECUTING, EXPLAIN, PROGRESS, WARNING
 from graph.executor import Executor, RunResult
 from graph.workflow import WorkflowFormatError, check_api_prompt
@@ -147,7 +146,7 @@ def report(result: RunResult) -> int:
         return EXIT_FAILED
     print(json.dumps({"prompt_id": result.prompt_id, "outputs": result.outputs,
                       "executed": result.executed, "cached": result.cached,
-                      "node_records": ev.json_safe(result.node_records)}, indent=1))
+                      "node_records": result.node_records}, indent=1))      # plain data (executor)
     return EXIT_OK
 
 

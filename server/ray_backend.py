@@ -147,7 +147,6 @@ class EaselActor:
                 result = self.backend.run(request, self._sink)
                 if result.validation is not None and result.status != "invalid":
                     result.validation = None             # the report stays here; the server does not read it
-                result.node_records = ev.json_safe(result.node_records)   # plugins may record anything
                 done = ("result", result, self.backend.models())
             except BaseException as exc:                 # noqa: BLE001 - reported to the server
                 done = ("raised", (type(exc).__name__, str(exc), traceback.format_exception(exc)),
