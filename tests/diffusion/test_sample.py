@@ -155,7 +155,9 @@ def test_a1111_mode_images_are_independent_of_batch(sd1: ModelPatcher) -> None:
     two = _run(sd1, {"samples": torch.zeros(2, 4, 8, 8)}, sampler_name="euler_ancestral", noise_mode="a1111")
     one = _run(sd1, {"samples": torch.zeros(1, 4, 8, 8)}, sampler_name="euler_ancestral", noise_mode="a1111",
                seed=8, positive=_cond(32, 1), negative=_cond(32, 2))
-    assert (two[1:2] - one).abs().max().item() <= 1e-4
+    # fp32 noise only: a batch of 2 takes other gemm kernels than a batch of 1 (latents reach ~200,
+    # so the bound is relative to their size; a wrong seed differs by the size itself)
+    assert (two[1:2] - one).abs().max().item() <= 1e-5 * one.abs().max().item()
 
 
 def test_cfg_batches_cond_and_uncond_and_skips_uncond_at_cfg_1(sd1: ModelPatcher, latent: dict) -> None:
