@@ -3,11 +3,11 @@
 Each entry of a plugin folder is a candidate: a directory (imported as a package from its
 `__init__.py`, so relative imports work) or a `*.py` file. Skipped: `__pycache__`, hidden names,
 names ending in `.disabled`, other files. Before importing, `nodes/comfy_compat/` is put on
-`sys.path`, so `import folder_paths`, `import comfy.utils`, `import comfy.model_management`,
-`from comfy_execution.graph_utils import GraphBuilder`, `import node_helpers` and
-`from comfy_api.latest import ComfyExtension, io, ui` resolve to Easel's thin modules
-(`from server import PromptServer` resolves to `server.prompt_server_compat`, exported by the
-`server` package).
+`sys.path` (`nodes/compat_install.py`), so `import folder_paths`, `import comfy.utils`,
+`import comfy.model_management`, `from comfy_execution.graph_utils import GraphBuilder`,
+`import node_helpers` and `from comfy_api.latest import ComfyExtension, io, ui` resolve to Easel's
+thin modules (`from server import PromptServer` resolves to `server.prompt_server_compat`, exported
+by the `server` package).
 
 Before any plugin of the folders is imported, each package's `prestartup_script.py` runs (once per
 process, as ComfyUI runs them once at start-up); an exception there is logged with the file,
@@ -40,10 +40,10 @@ from types import ModuleType
 from typing import Any, Protocol
 
 from nodes import v3_adapter
+from nodes.compat_install import install_compat_modules
 
 log = logging.getLogger("easel.plugins")
 
-COMPAT_DIR = Path(__file__).resolve().parent / "comfy_compat"
 REQUIRED_NODE_ATTRS = ("INPUT_TYPES", "RETURN_TYPES", "FUNCTION")
 
 # Folders of the last load, for folder_paths.get_folder_paths("custom_nodes").
@@ -120,13 +120,6 @@ class PluginReport:
         for r in sorted(self.prestartup, key=lambda r: r.seconds):
             lines.append(f"{r.seconds:6.1f} seconds{'' if r.ok else ' (PRESTARTUP FAILED)'}: {r.path.parent}")
         return "\n".join(lines)
-
-
-def install_compat_modules() -> None:
-    """Put the ComfyUI compatibility modules (folder_paths, comfy, ...) on sys.path, once."""
-    path = str(COMPAT_DIR)
-    if path not in sys.path:
-        sys.path.insert(0, path)
 
 
 def plugin_candidates(folder: Path) -> list[Path]:
@@ -323,7 +316,8 @@ def _run_prestartup(plugin: str, script: Path) -> PrestartupResult:
 
 def run_prestartup_scripts(folders: Sequence[Path]) -> list[PrestartupResult]:
     """Run each plugin package's `prestartup_script.py`, once per process (later calls report the
-    first run); call after install_compat_modules() so the scripts can import the compat modules."""
+    first run); call after `compat_install.install_compat_modules()` so the scripts can import the
+    compat modules."""
     results = []
     for folder in folders:
         for entry in plugin_candidates(folder):

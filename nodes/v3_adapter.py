@@ -32,6 +32,7 @@ from types import ModuleType
 from typing import Any, ClassVar, TypeVar
 
 from graph.runtime import ExecutionBlocker
+from nodes.compat_install import install_compat_modules
 
 _T = TypeVar("_T")
 IO_MODULE = "comfy_api.latest._io"
@@ -42,7 +43,6 @@ def io_module() -> ModuleType:
     module = sys.modules.get(IO_MODULE)
     if module is not None:
         return module
-    from nodes.plugins import install_compat_modules
     install_compat_modules()
     return importlib.import_module(IO_MODULE)
 

@@ -12,8 +12,9 @@ import server
 from graph.cache import OutputCache
 from graph.executor import Executor
 from graph.runtime import Interrupted, NodeRuntime, running
+from nodes.compat_install import COMPAT_DIR, install_compat_modules
 from nodes.folders import ModelFolders, use_folders
-from nodes.plugins import COMPAT_DIR, install_compat_modules, load_plugins
+from nodes.plugins import load_plugins
 from nodes.registry import Registry, build_registry
 from server.prompt_server_compat import PromptServer
 

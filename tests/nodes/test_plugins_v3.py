@@ -9,7 +9,8 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-from nodes.plugins import install_compat_modules, load_plugins
+from nodes.compat_install import install_compat_modules
+from nodes.plugins import load_plugins
 from nodes.registry import Registry, build_registry
 
 
