@@ -37,10 +37,10 @@ def _sync() -> None:
 def bench_family(name: str, folder: Path, runs: int) -> dict[str, float]:
     import torch
 
-    from diffusion.checkpoint import load_checkpoint
-    from diffusion.demo import write_full_size_checkpoint
-    from diffusion.devices import DeviceConfig
-    from diffusion.sample import sample
+    from diffusion.loaders.checkpoint import load_checkpoint
+    from diffusion.demo.checkpoint import write_full_size_checkpoint
+    from diffusion.models.devices import DeviceConfig
+    from diffusion.sampling.sample import sample
 
     size, dtype = SETTINGS[name]["size"], SETTINGS[name]["dtype"]
     path = folder / f"{name}-random-fp16.safetensors"

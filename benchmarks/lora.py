@@ -20,7 +20,7 @@ weight (a re-patch that keeps full deltas).
 
     python benchmarks/lora.py [--runs 5] [--only lora|locon] [--cache-lowrank] [--dtype fp32|bf16|fp16|auto]
 
---dtype auto: the dtypes Easel itself picks on this machine's CPU (diffusion.devices: UNet bf16 where
+--dtype auto: the dtypes Easel itself picks on this machine's CPU (diffusion.models.devices: UNet bf16 where
 the CPU has native bf16, else fp32; text encoder fp32).
 """
 from __future__ import annotations
@@ -42,15 +42,15 @@ from diffusers import UNet2DConditionModel  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 
-from diffusion import devices  # noqa: E402
-from diffusion import lora as lora_mod  # noqa: E402
-from diffusion import lowrank_kernel  # noqa: E402
-from diffusion import weight_patch as patcher_mod  # noqa: E402
-from diffusion.clip import CLIP  # noqa: E402
-from diffusion.detect import SD1  # noqa: E402
-from diffusion.lora import load_lora  # noqa: E402
-from diffusion.model import DiffusionModel  # noqa: E402
-from diffusion.patcher import ModelPatcher  # noqa: E402
+from diffusion.models import devices  # noqa: E402
+from diffusion.patches.lora import load as lora_mod  # noqa: E402
+from diffusion.patches import lowrank_kernel  # noqa: E402
+from diffusion.patches import weight_patch as patcher_mod  # noqa: E402
+from diffusion.prompts.clip import CLIP  # noqa: E402
+from diffusion.models.detect import SD1  # noqa: E402
+from diffusion.patches.lora.load import load_lora  # noqa: E402
+from diffusion.models.diffusion_model import DiffusionModel  # noqa: E402
+from diffusion.patches.patcher import ModelPatcher  # noqa: E402
 
 LINEAR_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -273,7 +273,7 @@ def main() -> None:
     if args.cache_lowrank:
         mode = "cached full deltas"
     elif lowrank_kernel.available():
-        mode = "fused C kernel (diffusion/data/lowrank_add.c)"
+        mode = "fused C kernel (diffusion/patches/lowrank_add.c)"
     else:
         mode = f"torch addmm of factors (kernel unavailable: {lowrank_kernel.unavailable_reason()})"
     if args.dtype == "auto":

@@ -1,4 +1,4 @@
-"""The fused low-rank kernel (diffusion/data/lowrank_add.c) per instruction set, against torch.
+"""The fused low-rank kernel (diffusion/patches/lowrank_add.c) per instruction set, against torch.
 
 Compiles the kernel source for several -march targets (x86-64 only; the CPU must run them all),
 then times one pass `W = cast(W0 + c * up @ down)` over SD1.5-sized transformer weights (rank 16
@@ -25,8 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from diffusion import lowrank_kernel  # noqa: E402
-from diffusion.lowrank_kernel import DTYPES, SOURCE, _Job  # noqa: E402
+from diffusion.patches import lowrank_kernel  # noqa: E402
+from diffusion.patches.lowrank_kernel import DTYPES, SOURCE, _Job  # noqa: E402
 
 DT_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 

@@ -1,7 +1,7 @@
 """Checkpoint loading: Easel's loader vs diffusers' own single-file loading, on the same file.
 
 Builds (once) a full-size SD1.5-architecture checkpoint with random fp16 weights in the ldm layout
-(diffusion.demo.write_full_size_checkpoint), plus a local diffusers config folder so diffusers never
+(diffusion.demo.checkpoint.write_full_size_checkpoint), plus a local diffusers config folder so diffusers never
 reaches the Hub, then measures for each loader: wall time of the load and peak RSS growth over the
 process's RSS before the load. Each load runs in a fresh child process (peak RSS is per process),
 alternating loaders, medians over --runs. Ratios are Easel / diffusers (target <= 1.0).
@@ -40,8 +40,8 @@ def prepare(folder: Path) -> tuple[Path, Path]:
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
-    from diffusion.convert_clip import clip_config
-    from diffusion.demo import (
+    from diffusion.models.convert.clip import clip_config
+    from diffusion.demo.checkpoint import (
         SD15_UNET_CONFIG,
         SD15_VAE_CONFIG,
         write_full_size_checkpoint,
@@ -69,8 +69,8 @@ def prepare(folder: Path) -> tuple[Path, Path]:
 
 
 def load_easel(ckpt: Path, dtype: str) -> dict:
-    from diffusion.checkpoint import load_checkpoint
-    from diffusion.devices import DeviceConfig
+    from diffusion.loaders.checkpoint import load_checkpoint
+    from diffusion.models.devices import DeviceConfig
     patcher, clip, vae = load_checkpoint(ckpt, DeviceConfig(cpu=True, unet_dtype=dtype, vae_dtype=dtype,  # type: ignore[arg-type]
                                                             text_dtype=dtype))  # type: ignore[arg-type]
     return {"unet": patcher.model.unet, "vae": vae.module, "text": clip.encoders["l"]}
@@ -100,7 +100,7 @@ def child(which: str, ckpt: Path, cfg: Path, dtype: str) -> None:
     import transformers  # noqa: F401
     from diffusers import StableDiffusionPipeline  # noqa: F401
 
-    from diffusion import checkpoint  # noqa: F401
+    from diffusion.loaders import checkpoint  # noqa: F401
     base = _rss_mb()
     t = time.perf_counter()
     mods = load_easel(ckpt, dtype) if which == "easel" else load_diffusers(ckpt, cfg, dtype)
@@ -131,8 +131,8 @@ def sampler_overhead(ckpt: Path, steps: int, size: int, runs: int) -> None:
     batched, as the CFG wrapper calls it), default dtype of this machine (bf16 on native-bf16 CPUs)."""
     import torch
 
-    from diffusion.checkpoint import load_checkpoint
-    from diffusion.sample import sample
+    from diffusion.loaders.checkpoint import load_checkpoint
+    from diffusion.sampling.sample import sample
 
     torch.set_grad_enabled(False)
     patcher, clip, _vae = load_checkpoint(ckpt)

@@ -1,6 +1,6 @@
 """Per-step overhead of every sampler over bare model evaluations.
 
-For each sampler: a full `diffusion.sample.sample` run (20 steps, karras, cfg 7, the tiny demo SD1
+For each sampler: a full `diffusion.sampling.sample.sample` run (20 steps, karras, cfg 7, the tiny demo SD1
 UNet at 512x512 = 64x64 latent, batch 1, cond + uncond batched into one call) is timed, and so is
 every `DiffusionModel.apply_model` call inside it (NFE calls). Two figures, medians over --runs:
 - "in-run": run time / time inside the model calls - 1: everything the sampler, CFG, schedule,
@@ -23,11 +23,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from diffusion.demo import tiny_components  # noqa: E402
-from diffusion.model import DiffusionModel  # noqa: E402
-from diffusion.patcher import ModelPatcher  # noqa: E402
-from diffusion.sample import sample  # noqa: E402
-from diffusion.samplers import SAMPLER_NAMES  # noqa: E402
+from diffusion.demo.checkpoint import tiny_components  # noqa: E402
+from diffusion.models.diffusion_model import DiffusionModel  # noqa: E402
+from diffusion.patches.patcher import ModelPatcher  # noqa: E402
+from diffusion.sampling.sample import sample  # noqa: E402
+from diffusion.sampling.samplers.registry import SAMPLER_NAMES  # noqa: E402
 
 
 def main() -> None:

@@ -38,7 +38,7 @@ def common_ksampler(model: Any, seed: int, steps: int, cfg: float, sampler_name:
                     force_full_denoise: bool = False) -> tuple[dict]:
     """ComfyUI's `nodes.common_ksampler`: one sampling run with progress and previews, returned as a
     1-tuple of a LATENT (force_full_denoise only matters when last_step cuts the schedule)."""
-    from diffusion.sample import sample
+    from diffusion.sampling.sample import sample
     from nodes.builtin.sampling import step_callback
 
     return (sample(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent,

@@ -19,19 +19,19 @@ log = logging.getLogger("easel.nodes")
 
 def configure_devices(cpu: bool = False, lowvram: bool = False, unet_dtype: str | None = None,
                       vae_dtype: str | None = None, text_dtype: str | None = None) -> None:
-    from diffusion.devices import DeviceConfig, set_default_config
+    from diffusion.models.devices import DeviceConfig, set_default_config
     set_default_config(DeviceConfig(cpu=cpu, lowvram=lowvram, unet_dtype=unet_dtype,  # type: ignore[arg-type]
                                     vae_dtype=vae_dtype, text_dtype=text_dtype))  # type: ignore[arg-type]
 
 
 def demo_builders() -> dict[str, dict[str, Callable[[Path], Path]]]:
     """{kind: {file name: builder(folder) -> path}} for every demo file Easel can make."""
-    from diffusion import demo
+    from diffusion.demo import checkpoint as demo
     builders: dict[str, dict[str, Callable[[Path], Path]]] = {
         "checkpoints": {name: (lambda folder, fam=fam: demo.ensure_demo_checkpoint(folder, fam))
                         for fam, name in demo.DEMO_NAMES.items()}}
     try:
-        extras = importlib.import_module("diffusion.demo_extras")
+        extras = importlib.import_module("diffusion.demo.extras")
     except ModuleNotFoundError:
         return builders
     for kind, files in getattr(extras, "DEMO_FILES", {}).items():

@@ -3,7 +3,7 @@
 A1111Prompt(model, clip, positive, negative, steps, weight_interpretation) does what the A1111 web
 UI does with its two prompt boxes (prompts.md §1):
 - `<lora:name:te[:unet]>` / `<lyco:…>` and `<hypernet:name:m>` tags are removed from the positive
-  prompt and applied in order to MODEL and CLIP (LoRA through diffusion.lora like LoraLoader, with
+  prompt and applied in order to MODEL and CLIP (LoRA through diffusion.patches.lora.load like LoraLoader, with
   strength_model = unet, strength_clip = te; hypernetworks like HypernetworkLoader). Names are
   A1111's: the file stem (or the relative path, with or without extension) in models/loras and
   models/hypernetworks (LoRAs also by their `ss_output_name`). Unknown tag types and missing files
@@ -32,16 +32,16 @@ from typing import Any
 
 from safetensors import safe_open
 
-from diffusion.a1111_chunks import EmbeddingIndex
-from diffusion.a1111_prompt import (
+from diffusion.prompts.a1111.chunks import EmbeddingIndex
+from diffusion.prompts.a1111.syntax import (
     hypernet_from_tag,
     lora_from_tag,
     strip_extra_networks,
 )
-from diffusion.embeddings import list_embeddings
-from diffusion.hypernetwork import apply_hypernetwork, load_hypernetwork
-from diffusion.lora import load_lora
-from diffusion.prompt_schedule import a1111_conditioning
+from diffusion.patches.embeddings import list_embeddings
+from diffusion.patches.hypernetwork import apply_hypernetwork, load_hypernetwork
+from diffusion.patches.lora.load import load_lora
+from diffusion.prompts.a1111.schedule import a1111_conditioning
 from graph.runtime import current
 from nodes.folders import current_folders
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from diffusion.clip import CLIP
+from diffusion.prompts.clip import CLIP
 from graph.runtime import current
 
 MAX_RESOLUTION = 16384

@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from diffusion import latent_ops
+from diffusion.images import latent_ops
 
 MAX_RESOLUTION = 16384
 LATENT_CHANNELS = 4        # SD1 / SD2 / SDXL

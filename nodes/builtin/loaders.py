@@ -1,7 +1,7 @@
 """Loader nodes: CheckpointLoaderSimple, VAELoader, DiffusersLoader (ComfyUI names, inputs and order).
 
 Thin: resolve the file in the model folders of the run (`nodes.folders.current_folders()`), then call
-`diffusion.checkpoint`. Files that cannot be loaded raise `diffusion.errors.ModelFileError` naming the
+`diffusion.loaders.checkpoint`. Files that cannot be loaded raise `diffusion.models.errors.ModelFileError` naming the
 file and what was found there.
 """
 from __future__ import annotations
@@ -10,8 +10,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from diffusion.checkpoint import load_checkpoint, load_vae
-from diffusion.errors import ModelFileError
+from diffusion.loaders.checkpoint import load_checkpoint, load_vae
+from diffusion.models.errors import ModelFileError
 from nodes.folders import current_folders
 
 

@@ -1,6 +1,6 @@
 """Patch nodes: LoraLoader, LoraLoaderModelOnly, ModelSamplingDiscrete (ComfyUI names, inputs and order).
 
-Thin: `diffusion.lora.load_lora` reads the file (once per mtime), resolves its keys and returns
+Thin: `diffusion.patches.lora.load.load_lora` reads the file (once per mtime), resolves its keys and returns
 clones that record the patches; weights change only when a sampler / text encoder patches the
 module. Keys that apply to nothing are reported through `graph.runtime.current().warn(...)`
 (naming the file, counting and listing the keys); the optional `strict` input makes them an error.
@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from diffusion.lora import LoraCoverage, load_lora
-from diffusion.sample import with_model_sampling
+from diffusion.patches.lora.load import LoraCoverage, load_lora
+from diffusion.sampling.sample import with_model_sampling
 from graph.runtime import current
 from nodes.folders import current_folders
 

@@ -2,9 +2,9 @@
 and the split form SamplerCustom / SamplerCustomAdvanced / KSamplerSelect / BasicScheduler /
 RandomNoise / DisableNoise / CFGGuider / BasicGuider / SplitSigmas.
 
-Each node calls diffusion.sample; per step the callback checks for an interrupt and reports
-progress with a latent preview (graph.runtime). Values: SAMPLER = diffusion.sample.SamplerChoice,
-SIGMAS = Tensor[n + 1], NOISE = diffusion.sample.NoiseSpec, GUIDER = diffusion.sample.Guider.
+Each node calls diffusion.sampling.sample; per step the callback checks for an interrupt and reports
+progress with a latent preview (graph.runtime). Values: SAMPLER = diffusion.sampling.sample.SamplerChoice,
+SIGMAS = Tensor[n + 1], NOISE = diffusion.sampling.sample.NoiseSpec, GUIDER = diffusion.sampling.sample.Guider.
 """
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ from typing import Any
 
 import torch
 
-from diffusion import sample as sampling
-from diffusion.latent_preview import make_previewer
-from diffusion.samplers import SAMPLER_NAMES
-from diffusion.schedules import SCHEDULER_NAMES, calculate_sigmas
+from diffusion.sampling import sample as sampling
+from diffusion.images.latent_preview import make_previewer
+from diffusion.sampling.samplers.registry import SAMPLER_NAMES
+from diffusion.sampling.schedules import SCHEDULER_NAMES, calculate_sigmas
 from graph.runtime import current
 from nodes.folders import current_folders
 

@@ -1,6 +1,6 @@
 """VAE nodes: VAEDecode, VAEEncode, VAEDecodeTiled, VAEEncodeTiled (ComfyUI names, inputs and order).
 
-Thin: each calls one method of `diffusion.vae.VAE` (decode [B,C,h,w] -> IMAGE [B,H,W,3] in 0..1,
+Thin: each calls one method of `diffusion.models.vae.VAE` (decode [B,C,h,w] -> IMAGE [B,H,W,3] in 0..1,
 encode IMAGE -> VAE latent, unscaled as in ComfyUI). Tile sizes and overlaps of the tiled nodes are in pixels, as in
 ComfyUI; the temporal inputs exist for workflow compatibility and do nothing for image VAEs.
 """
@@ -65,7 +65,7 @@ class VAEDecodeTiled:
                temporal_size: int = 64, temporal_overlap: int = 8) -> tuple[torch.Tensor]:
         if tile_size < overlap * 4:
             overlap = tile_size // 4   # as ComfyUI: an overlap over a quarter of the tile is cut back
-        # diffusion.vae.VAE.decode_tiled takes latent units: pixels / the VAE's downscale ratio (8)
+        # diffusion.models.vae.VAE.decode_tiled takes latent units: pixels / the VAE's downscale ratio (8)
         ratio = int(getattr(vae, "downscale_ratio", 8))
         tile = max(1, tile_size // ratio)
         return (vae.decode_tiled(_latent(samples, "VAEDecodeTiled"), tile_x=tile, tile_y=tile,

@@ -126,6 +126,6 @@ def filter_files_extensions(files: Iterable[str], extensions: Iterable[str]) -> 
 def get_save_image_path(filename_prefix: str, output_dir: str, image_width: int = 0,
                         image_height: int = 0) -> tuple[str, str, int, str, str]:
     """(full_output_folder, filename, counter, subfolder, filename_prefix), as ComfyUI returns it."""
-    from diffusion.image_io import save_target
+    from diffusion.images.image_io import save_target
     target = save_target(output_dir, filename_prefix, image_width, image_height)
     return str(target.folder), target.filename, target.counter, target.subfolder, filename_prefix

@@ -44,7 +44,7 @@ def cpu_model() -> str:
 
 
 def unet_dtype() -> str:
-    code = "from diffusion import devices; print(devices.unet_dtype(devices.DeviceConfig()))"
+    code = "from diffusion.models import devices; print(devices.unet_dtype(devices.DeviceConfig()))"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     return out.stdout.strip()
 

@@ -9,17 +9,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffusion.clip import CLIP
-from diffusion.demo import tiny_components
-from diffusion.demo_extras import (
+from diffusion.prompts.clip import CLIP
+from diffusion.demo.checkpoint import tiny_components
+from diffusion.demo.extras import (
     write_demo_embedding,
     write_demo_hypernetwork,
     write_demo_lora,
     write_hypernetwork,
 )
-from diffusion.model import DiffusionModel
-from diffusion.patcher import ModelPatcher
-from diffusion.sample import sample
+from diffusion.models.diffusion_model import DiffusionModel
+from diffusion.patches.patcher import ModelPatcher
+from diffusion.sampling.sample import sample
 from graph.runtime import NodeRuntime, running
 from nodes.builtin.a1111 import NODE_CLASS_MAPPINGS, A1111Prompt, HypernetworkLoader
 from nodes.builtin.conditioning import CLIPTextEncode

@@ -4,10 +4,10 @@ from __future__ import annotations
 import torch
 
 import nodes
-from diffusion.demo import tiny_components
-from diffusion.model import DiffusionModel
-from diffusion.patcher import ModelPatcher
-from diffusion.sample import sample
+from diffusion.demo.checkpoint import tiny_components
+from diffusion.models.diffusion_model import DiffusionModel
+from diffusion.patches.patcher import ModelPatcher
+from diffusion.sampling.sample import sample
 from graph.runtime import NodeRuntime, running
 from nodes.builtin import image, sampling
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusion import image_io
+from diffusion.images import image_io
 from graph.runtime import NodeRuntime, running
 from nodes.builtin import image as image_nodes
 from nodes.folders import ModelFolders, use_folders

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from diffusion.demo import tiny_components, write_ldm_checkpoint
-from diffusion.devices import DeviceConfig, use_config
+from diffusion.demo.checkpoint import tiny_components, write_ldm_checkpoint
+from diffusion.models.devices import DeviceConfig, use_config
 from graph.cache import OutputCache
 from graph.executor import Executor
 from nodes.builtin import image, latent, loaders, vae_nodes

@@ -9,11 +9,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from diffusion.clip import CLIP
-from diffusion.demo import tiny_components
-from diffusion.errors import ModelFileError
-from diffusion.model import DiffusionModel
-from diffusion.patcher import ModelPatcher
+from diffusion.prompts.clip import CLIP
+from diffusion.demo.checkpoint import tiny_components
+from diffusion.models.errors import ModelFileError
+from diffusion.models.diffusion_model import DiffusionModel
+from diffusion.patches.patcher import ModelPatcher
 from graph.runtime import NodeRuntime, running
 from nodes.builtin.patches import NODE_CLASS_MAPPINGS, LoraLoader, LoraLoaderModelOnly
 from nodes.folders import ModelFolders, use_folders
@@ -126,7 +126,7 @@ def test_text_encoder_only_lora_on_a_model_only_load_says_so(setup, tmp_path):
 
 def _executor_folders(tmp_path: Path, lora_name: str, seed: int) -> ModelFolders:
     """The demo SD1 checkpoint and a rank-2 LoRA touching one UNet and one text-encoder linear."""
-    from diffusion.demo import ensure_demo_checkpoint
+    from diffusion.demo.checkpoint import ensure_demo_checkpoint
 
     folders = ModelFolders(tmp_path)
     ensure_demo_checkpoint(folders.dirs("checkpoints")[0], "sd1")
@@ -144,7 +144,7 @@ def _executor_folders(tmp_path: Path, lora_name: str, seed: int) -> ModelFolders
 
 def _lora_graph(lora_name: str, sm: float, sc: float) -> dict:
     """checkpoint -> LoraLoader (node 10) -> two CLIPTextEncode (6, 7) + KSampler (3) -> decode -> preview."""
-    from diffusion.demo import DEMO_NAMES
+    from diffusion.demo.checkpoint import DEMO_NAMES
 
     return {
         "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": DEMO_NAMES["sd1"]}},
@@ -193,7 +193,7 @@ def test_strength_changes_rerun_only_the_side_they_touch(tmp_path):
 
 
 def test_model_sampling_discrete_overrides_prediction_and_zsnr(setup):
-    from diffusion.sample import model_sampling, sample
+    from diffusion.sampling.sample import model_sampling, sample
 
     model = setup[0]
     node = NODE_CLASS_MAPPINGS["ModelSamplingDiscrete"]()
@@ -226,7 +226,7 @@ def _kohya_file(unet_params: dict[str, torch.Tensor], te_params: dict[str, torch
                 ) -> tuple[dict[str, torch.Tensor], dict[str, str], dict[str, str]]:
     """A kohya LoRA on every UNet attention linear (rank 2, alpha 1.5) and every text-encoder
     self-attention linear (rank 4, alpha 1.0); also returns, written out here rather than taken from
-    diffusion.lora_keys, which parameter each kohya module name must reach (UNet, text encoder)."""
+    diffusion.patches.lora.keys, which parameter each kohya module name must reach (UNet, text encoder)."""
     g = torch.Generator().manual_seed(seed)
     file: dict[str, torch.Tensor] = {}
     unet_map: dict[str, str] = {}

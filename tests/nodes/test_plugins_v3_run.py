@@ -255,6 +255,6 @@ def test_preview_image_ui(registry: Registry, tmp_path: Path) -> None:
     assert ui["animated"] == [False] and len(ui["images"]) == 2
     first = ui["images"][0]
     assert first["type"] == "temp" and first["filename"].startswith("ComfyUI_temp_")
-    from diffusion.image_io import read_png_text
+    from diffusion.images.image_io import read_png_text
     text = read_png_text(Path(folders.temp_dir) / first["subfolder"] / first["filename"])
     assert text["k"] == "1" and '"TestPixels"' in text["prompt"]

@@ -8,9 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusion.demo import tiny_components
-from diffusion.model import DiffusionModel
-from diffusion.patcher import ModelPatcher
+from diffusion.demo.checkpoint import tiny_components
+from diffusion.models.diffusion_model import DiffusionModel
+from diffusion.patches.patcher import ModelPatcher
 from graph.runtime import Interrupted, NodeRuntime, running
 from nodes.builtin import sampling as S
 
@@ -61,7 +61,7 @@ def test_preview_method_none_and_taesd(model: ModelPatcher, tmp_path) -> None:
     from safetensors.torch import save_file
 
     from nodes.folders import ModelFolders
-    from tests.diffusion.test_taesd import original_layout
+    from tests.diffusion.images.test_taesd import original_layout
 
     folders = ModelFolders(tmp_path)
     (tmp_path / "models" / "vae_approx").mkdir(parents=True)

@@ -1,11 +1,11 @@
-"""nodes/builtin/vae_nodes.py on a tiny real VAE (diffusion.vae.VAE around a seeded AutoencoderKL)."""
+"""nodes/builtin/vae_nodes.py on a tiny real VAE (diffusion.models.vae.VAE around a seeded AutoencoderKL)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from diffusion.demo import tiny_components
-from diffusion.vae import VAE
+from diffusion.demo.checkpoint import tiny_components
+from diffusion.models.vae import VAE
 from nodes.builtin import vae_nodes
 
 

@@ -1,6 +1,6 @@
 """`comfy.model_management` basics for plugins: devices, memory, interrupt checks.
 
-Devices come from `diffusion.devices` (the CLI/server switches); interrupt checks go to the runtime
+Devices come from `diffusion.models.devices` (the CLI/server switches); interrupt checks go to the runtime
 of the running node (`graph.runtime.current()`). Easel moves and frees models itself, so
 `load_models_gpu` and `unload_all_models` do nothing. `interrupt_current_processing(True)` sets a
 flag that this module's checks honour (and clear when they raise).
@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from diffusion import devices
+from diffusion.models import devices
 from graph.runtime import Interrupted, current
 
 InterruptProcessingException = Interrupted

@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
-from diffusion import latent_ops
-from diffusion.state_dict import load_state_dict
+from diffusion.images import latent_ops
+from diffusion.models.state_dict import load_state_dict
 from graph.runtime import NodeRuntime, current
 
 PROGRESS_BAR_ENABLED = True

@@ -38,7 +38,7 @@ def _report_progress(value: float, max_value: float, node_id: str | None, previe
     if node_id is not None and node_id != rt.node_id:
         rt = dataclasses.replace(rt, node_id=str(node_id))
     if preview_image is not None and hasattr(preview_image, "cpu"):        # an IMAGE tensor
-        from diffusion.image_io import image_to_pil
+        from diffusion.images.image_io import image_to_pil
         preview_image = image_to_pil(preview_image[0] if preview_image.ndim == 4 else preview_image)
     rt.progress(int(value), int(max_value), preview_image)
 

@@ -72,7 +72,7 @@ class ImageSaveHelper:
     @staticmethod
     def save_images(images: Any, filename_prefix: str, folder_type: FolderType | str,
                     cls: type[ComfyNode] | None, compress_level: int = 4) -> list[SavedResult]:
-        from diffusion import image_io
+        from diffusion.images import image_io
         if getattr(images, "ndim", None) != 4:
             raise ValueError(f"save_images: images must be an IMAGE [B, H, W, C], found shape "
                              f"{tuple(getattr(images, 'shape', ()))}")
