@@ -14,212 +14,27 @@ Rules (workflows.md section 3):
   rewired to one of its inputs chosen by type.
 - subgraph instances are replaced by their definition's nodes, ids joined with ":" ("60:11").
 Anything that cannot be converted raises `UIWorkflowError` naming the node and the problem.
+
+Reading the file is `graph/ui_parse.py`'s job and naming the widget values `graph/ui_widgets.py`'s;
+this file follows links through the nodes that are not sent and emits the API prompt. The public
+names of all three are importable from here.
 """
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
+
+from .ui_parse import (SUBGRAPH_INPUT_NODE, SUBGRAPH_OUTPUT_NODE, Frame, Graph, Link, UIWorkflowError, collect_subgraphs,
+                       is_ui_workflow, parse_graph)
+from .ui_widgets import WidgetSlot, map_widget_values, widget_slots
+
+__all__ = ["Frame", "Graph", "Link", "Literal", "UIWorkflowError", "WidgetSlot", "is_ui_workflow", "map_widget_values",
+           "types_compatible", "ui_to_api", "widget_slots"]
 
 VIRTUAL_TYPES = frozenset({"PrimitiveNode", "Reroute"})
 IGNORED_TYPES = frozenset({"Note", "MarkdownNote"})
-WIDGET_TYPES = frozenset({"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"})
-CONTROL_MODES = frozenset({"fixed", "increment", "decrement", "randomize"})
-UPLOAD_OPTIONS = ("image_upload", "video_upload", "audio_upload", "animated_image_upload")
 MODE_MUTED, MODE_BYPASS = 2, 4
-SUBGRAPH_INPUT_NODE, SUBGRAPH_OUTPUT_NODE = -10, -20
-
-
-class UIWorkflowError(ValueError):
-    """A UI-format workflow that cannot be converted; the message names the node and the problem."""
-
-    def __init__(self, message: str, node_id: str | None = None) -> None:
-        super().__init__(message)
-        self.node_id = node_id
-
-
-def is_ui_workflow(data: object) -> bool:
-    """True for a litegraph (UI) workflow object: it has a `nodes` list (API prompts never do)."""
-    return isinstance(data, dict) and isinstance(data.get("nodes"), list) and "links" in data
-
-
-# ---------------------------------------------------------------------------------------------
-# Parsed graph structures
-
-
-@dataclass(frozen=True)
-class Link:
-    id: int
-    origin_id: int
-    origin_slot: int
-    target_id: int
-    target_slot: int
-    type: str
-
-
-@dataclass
-class Graph:
-    """One litegraph graph: the root workflow or a subgraph definition."""
-
-    nodes: dict[int, dict[str, Any]]
-    links: dict[int, Link]
-    inputs: list[dict[str, Any]] = field(default_factory=list)    # subgraph definition inputs
-    outputs: list[dict[str, Any]] = field(default_factory=list)   # subgraph definition outputs
-    name: str = "workflow"
-
-
-@dataclass(frozen=True)
-class Frame:
-    """Where a graph sits: the chain of instance ids above it, and the instance in the parent."""
-
-    graph: Graph
-    path: tuple[str, ...]
-    parent: Frame | None = None
-    instance: dict[str, Any] | None = None     # the subgraph-instance node in the parent graph
-
-    def record_id(self, node_id: int | str) -> str:
-        return ":".join((*self.path, str(node_id)))
-
-
-def _parse_link(raw: object, where: str) -> Link:
-    try:
-        if isinstance(raw, dict):
-            return Link(int(raw["id"]), int(raw["origin_id"]), int(raw["origin_slot"]),
-                        int(raw["target_id"]), int(raw["target_slot"]), str(raw.get("type", "*")))
-        if isinstance(raw, (list, tuple)) and len(raw) >= 5:
-            typ = raw[5] if len(raw) > 5 else "*"
-            return Link(int(raw[0]), int(raw[1]), int(raw[2]), int(raw[3]), int(raw[4]),
-                        typ if isinstance(typ, str) else "*")
-    except (KeyError, TypeError, ValueError):
-        pass
-    raise UIWorkflowError(f"{where}: malformed link {raw!r} (expected [id, origin_id, origin_slot, "
-                          "target_id, target_slot, type] or an object with those keys)")
-
-
-def _parse_graph(data: Mapping[str, Any], name: str) -> Graph:
-    nodes: dict[int, dict[str, Any]] = {}
-    for raw in data.get("nodes") or []:
-        if not isinstance(raw, dict) or "id" not in raw or "type" not in raw:
-            raise UIWorkflowError(f"{name}: node entry {str(raw)[:80]!r} has no 'id' or 'type'")
-        try:
-            nid = int(raw["id"])
-        except (TypeError, ValueError):
-            raise UIWorkflowError(f"{name}: node id {raw['id']!r} is not an integer") from None
-        if nid in nodes:
-            raise UIWorkflowError(f"{name}: node id {nid} appears twice", str(nid))
-        nodes[nid] = raw
-    links = {}
-    for raw in data.get("links") or []:
-        if raw is None:
-            continue
-        link = _parse_link(raw, name)
-        links[link.id] = link
-    return Graph(nodes, links, list(data.get("inputs") or []), list(data.get("outputs") or []),
-                 str(data.get("name") or name))
-
-
-def _collect_subgraphs(data: Mapping[str, Any], into: dict[str, Graph]) -> None:
-    defs = data.get("definitions") or {}
-    for sub in defs.get("subgraphs") or []:
-        if not isinstance(sub, dict) or "id" not in sub:
-            raise UIWorkflowError("definitions.subgraphs holds an entry without an 'id'")
-        into[str(sub["id"])] = _parse_graph(sub, f"subgraph {sub.get('name') or sub['id']!r}")
-        _collect_subgraphs(sub, into)
-
-
-# ---------------------------------------------------------------------------------------------
-# Widgets: which inputs make a widget, and how many hidden companion values follow each
-
-
-@dataclass(frozen=True)
-class WidgetSlot:
-    name: str
-    spec: tuple[Any, ...]
-    control: int         # companion values after it: 0, 1 (mode) or 2 (mode + filter list)
-    upload: bool         # an upload button value follows (LoadImage)
-
-
-def _spec_parts(spec: object) -> tuple[object, dict[str, Any]]:
-    if isinstance(spec, (list, tuple)) and spec:
-        opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
-        return spec[0], opts
-    return spec, {}
-
-
-def widget_slots(definition: Mapping[str, Any]) -> list[WidgetSlot]:
-    """The widgets a node of this definition creates, in creation order (required, optional)."""
-    slots: list[WidgetSlot] = []
-    inputs = definition.get("input") or {}
-    order = definition.get("input_order") or {}
-    for section in ("required", "optional"):
-        specs = inputs.get(section) or {}
-        for name in order.get(section) or list(specs):
-            if name not in specs:
-                continue
-            typ, opts = _spec_parts(specs[name])
-            is_combo = isinstance(typ, (list, tuple)) or typ == "COMBO"
-            if not (is_combo or typ in WIDGET_TYPES) or opts.get("forceInput"):
-                continue
-            cag = opts.get("control_after_generate")
-            control = 0
-            if typ == "INT" and name in ("seed", "noise_seed") and cag is not False:
-                control = 1
-            elif cag and typ in ("INT", "FLOAT"):
-                control = 1
-            elif cag and is_combo:
-                control = 2
-            upload = is_combo and any(opts.get(k) for k in UPLOAD_OPTIONS)
-            slots.append(WidgetSlot(name, tuple(specs[name]) if isinstance(specs[name], (list, tuple))
-                                    else (specs[name],), control, upload))
-    return slots
-
-
-def _default_of(slot: WidgetSlot) -> tuple[bool, Any]:
-    typ, opts = _spec_parts(list(slot.spec))
-    if "default" in opts:
-        return True, opts["default"]
-    if isinstance(typ, (list, tuple)) and typ:
-        return True, typ[0]
-    return False, None
-
-
-def map_widget_values(node: Mapping[str, Any], definition: Mapping[str, Any]) -> dict[str, Any]:
-    """Widget name -> value for one UI node, skipping companion values (seed mode, upload button)."""
-    slots = widget_slots(definition)
-    named = node.get("widgets_values_named")
-    values = node.get("widgets_values")
-    out: dict[str, Any] = {}
-    if isinstance(values, dict) or isinstance(named, dict):
-        source = named if isinstance(named, dict) else values
-        for slot in slots:
-            if slot.name in source:
-                out[slot.name] = source[slot.name]
-    elif isinstance(values, list):
-        pos = 0
-        for i, slot in enumerate(slots):
-            if pos >= len(values):
-                break
-            out[slot.name] = values[pos]
-            pos += 1
-            remaining_widgets = len(slots) - i - 1
-            # Companions are consumed only when present: a value-control mode must look like one
-            # (old files hold true/false), and any companion only if enough values are left over
-            # for the widgets still to come.
-            for k in range(slot.control):
-                if pos >= len(values) or len(values) - pos <= remaining_widgets:
-                    break
-                v = values[pos]
-                if k == 0 and not (v in CONTROL_MODES or isinstance(v, bool)):
-                    break
-                pos += 1
-            if slot.upload and pos < len(values) and len(values) - pos > remaining_widgets:
-                pos += 1
-    for slot in slots:
-        if slot.name not in out:
-            has, default = _default_of(slot)
-            if has:
-                out[slot.name] = default
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,9 +84,9 @@ def _bypass_input(node: Mapping[str, Any], out_slot: int, target_type: object) -
 class _Converter:
     def __init__(self, workflow: Mapping[str, Any], definitions: Mapping[str, Mapping[str, Any]]):
         self.definitions = definitions
-        self.root = _parse_graph(workflow, "workflow")
+        self.root = parse_graph(workflow, "workflow")
         self.subgraphs: dict[str, Graph] = {}
-        _collect_subgraphs(workflow, self.subgraphs)
+        collect_subgraphs(workflow, self.subgraphs)
 
     # -- resolution --------------------------------------------------------------------------
 
@@ -449,4 +264,3 @@ def ui_to_api(workflow: Mapping[str, Any], definitions: Mapping[str, Mapping[str
                     and value[0] not in prompt:
                 del entry["inputs"][name]
     return prompt
-
