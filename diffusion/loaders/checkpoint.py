@@ -19,7 +19,6 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
 from diffusion.models import devices
-from diffusion.prompts.clip import CLIP
 from diffusion.models.convert.clip import clip_l_from_ldm, openclip_from_ldm
 from diffusion.models.convert.unet import unet_config_from_ldm, unet_to_diffusers
 from diffusion.models.convert.vae import (
@@ -31,11 +30,12 @@ from diffusion.models.convert.vae import (
 from diffusion.models.convert.vae import diffusers_to_ldm_name as vae_ldm_name
 from diffusion.models.detect import ModelFamily, detect_family
 from diffusion.models.detect import family as make_family
-from diffusion.models.errors import ModelFileError
 from diffusion.models.diffusion_model import DiffusionModel
-from diffusion.patches.patcher import ModelPatcher
+from diffusion.models.errors import ModelFileError
 from diffusion.models.state_dict import load_state_dict, open_state_dict, shape_of, with_dtype
 from diffusion.models.vae import VAE
+from diffusion.patches.patcher import ModelPatcher
+from diffusion.prompts.clip import CLIP
 
 PredictionChoice = Literal["auto", "eps", "v"]
 TEXT_PREFIXES = {"sd1": {"l": "cond_stage_model.transformer."},

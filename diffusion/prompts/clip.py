@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-
-import importlib.util
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -42,9 +40,15 @@ import torch
 
 from diffusion.models.detect import ModelFamily
 from diffusion.models.errors import ModelFileError
-from diffusion.patches.patcher import ModelPatcher, identity_token
-from diffusion.prompts.comfy_weights import EMBEDDING_PREFIX, parse_weights, resolve_embedding_word, split_embedding_words
 from diffusion.models.tokenizer import CHUNK_LENGTH, EOS, Chunk, CLIPTokenizer, WeightedItem, chunk_groups
+from diffusion.patches import embeddings
+from diffusion.patches.patcher import ModelPatcher, identity_token
+from diffusion.prompts.comfy_weights import (
+    EMBEDDING_PREFIX,
+    parse_weights,
+    resolve_embedding_word,
+    split_embedding_words,
+)
 
 log = logging.getLogger(__name__)
 
@@ -92,9 +96,6 @@ def _width(model: torch.nn.Module) -> int:
 def default_embedding_lookup(dirs: Sequence[Path]) -> Callable[[str], EmbeddingLike | None]:
     """Name -> embedding through diffusion.patches.embeddings (find_embedding / load_embedding)."""
     def lookup(name: str) -> EmbeddingLike | None:
-        if importlib.util.find_spec("diffusion.patches.embeddings") is None:
-            return None                            # module not installed: no embeddings at all
-        from diffusion.patches import embeddings
         path = embeddings.find_embedding(name, list(dirs))
         return None if path is None else embeddings.load_embedding(path)
     return lookup

@@ -27,9 +27,9 @@ import torch
 from torch import Tensor
 
 from diffusion.sampling import noise as noise_mod
-from diffusion.sampling.samplers import registry as smp
 from diffusion.sampling import schedules as sch
 from diffusion.sampling.denoiser import CFGDenoiser, MaskedDenoiser, ModelSampling, encode_conditioning, latent_mask
+from diffusion.sampling.samplers import registry as smp
 
 # callback(step, total_steps, denoised x0 [B, C, h, w], x [B, C, h, w])
 StepCallback = Callable[[int, int, Tensor, Tensor], None]

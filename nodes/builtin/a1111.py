@@ -32,16 +32,16 @@ from typing import Any
 
 from safetensors import safe_open
 
+from diffusion.patches.embeddings import list_embeddings
+from diffusion.patches.hypernetwork import apply_hypernetwork, load_hypernetwork
+from diffusion.patches.lora.load import load_lora
 from diffusion.prompts.a1111.chunks import EmbeddingIndex
+from diffusion.prompts.a1111.schedule import a1111_conditioning
 from diffusion.prompts.a1111.syntax import (
     hypernet_from_tag,
     lora_from_tag,
     strip_extra_networks,
 )
-from diffusion.patches.embeddings import list_embeddings
-from diffusion.patches.hypernetwork import apply_hypernetwork, load_hypernetwork
-from diffusion.patches.lora.load import load_lora
-from diffusion.prompts.a1111.schedule import a1111_conditioning
 from graph.runtime import current
 from nodes.folders import current_folders
 

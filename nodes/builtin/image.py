@@ -16,9 +16,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from diffusion.images import image_io
-
-from diffusion.images import latent_ops
+from diffusion.images import image_io, latent_ops
 from graph.runtime import current
 from nodes.folders import IMAGE_EXTENSIONS, current_folders
 

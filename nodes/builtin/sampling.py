@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
-from diffusion.sampling import sample as sampling
 from diffusion.images.latent_preview import make_previewer
+from diffusion.sampling import sample as sampling
 from diffusion.sampling.samplers.registry import SAMPLER_NAMES
 from diffusion.sampling.schedules import SCHEDULER_NAMES, calculate_sigmas
 from graph.runtime import current

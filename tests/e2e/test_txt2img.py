@@ -16,8 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusion.images import image_io
 from diffusion.demo.checkpoint import DEMO_NAMES, ensure_demo_checkpoint
+from diffusion.images import image_io
 from graph.cache import OutputCache
 from graph.events import EventLog
 from graph.executor import Executor, RunResult

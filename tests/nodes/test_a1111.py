@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffusion.prompts.clip import CLIP
 from diffusion.demo.checkpoint import tiny_components
 from diffusion.demo.extras import (
     write_demo_embedding,
@@ -19,6 +18,7 @@ from diffusion.demo.extras import (
 )
 from diffusion.models.diffusion_model import DiffusionModel
 from diffusion.patches.patcher import ModelPatcher
+from diffusion.prompts.clip import CLIP
 from diffusion.sampling.sample import sample
 from graph.runtime import NodeRuntime, running
 from nodes.builtin.a1111 import NODE_CLASS_MAPPINGS, A1111Prompt, HypernetworkLoader

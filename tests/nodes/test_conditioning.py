@@ -6,8 +6,8 @@ from typing import Any
 import pytest
 import torch
 
-from diffusion.prompts.clip import CLIP
 from diffusion.demo.checkpoint import tiny_components
+from diffusion.prompts.clip import CLIP
 from graph.runtime import NodeRuntime, running
 from nodes.builtin import conditioning as cn
 

@@ -9,11 +9,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from diffusion.prompts.clip import CLIP
 from diffusion.demo.checkpoint import tiny_components
-from diffusion.models.errors import ModelFileError
 from diffusion.models.diffusion_model import DiffusionModel
+from diffusion.models.errors import ModelFileError
 from diffusion.patches.patcher import ModelPatcher
+from diffusion.prompts.clip import CLIP
 from graph.runtime import NodeRuntime, running
 from nodes.builtin.patches import NODE_CLASS_MAPPINGS, LoraLoader, LoraLoaderModelOnly
 from nodes.folders import ModelFolders, use_folders

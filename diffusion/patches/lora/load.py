@@ -25,10 +25,10 @@ from typing import Any
 import torch
 
 from diffusion.models.errors import ModelFileError
+from diffusion.models.state_dict import load_state_dict
 from diffusion.patches.lora.keys import clip_key_map, looks_like_text_encoder, split_key, unet_key_map
 from diffusion.patches.lora.weights import IA3, Full, LoHa, LoKr, LoRA, SetWeight, padded_in_channels
 from diffusion.patches.patcher import ModelPatcher, identity_token
-from diffusion.models.state_dict import load_state_dict
 
 # ----------------------------------------------------------------------------------------------
 # reading

@@ -35,9 +35,9 @@ from typing import Any, Protocol
 
 import torch
 
-from diffusion.prompts.a1111.syntax import BREAK_MARKER, parse_prompt_attention
-from diffusion.patches.embeddings import Embedding, list_embeddings, load_embedding
 from diffusion.models.errors import ModelFileError
+from diffusion.patches.embeddings import Embedding, list_embeddings, load_embedding
+from diffusion.prompts.a1111.syntax import BREAK_MARKER, parse_prompt_attention
 
 BOS = 49406
 EOS = 49407

@@ -23,6 +23,16 @@ from typing import Any
 
 from torch import Tensor
 
+from diffusion.sampling.samplers.classic import (  # noqa: F401
+    lms_coefficient,
+    sample_dpm_2,
+    sample_dpm_2_ancestral,
+    sample_euler,
+    sample_euler_ancestral,
+    sample_heun,
+    sample_heunpp2,
+    sample_lms,
+)
 from diffusion.sampling.samplers.common import (  # noqa: F401
     BrownianTreeNoiseSampler,
     Callback,
@@ -33,16 +43,6 @@ from diffusion.sampling.samplers.common import (  # noqa: F401
     ancestral_step,
     default_noise_sampler,
     to_d,
-)
-from diffusion.sampling.samplers.classic import (  # noqa: F401
-    lms_coefficient,
-    sample_dpm_2,
-    sample_dpm_2_ancestral,
-    sample_euler,
-    sample_euler_ancestral,
-    sample_heun,
-    sample_heunpp2,
-    sample_lms,
 )
 from diffusion.sampling.samplers.dpm import (  # noqa: F401
     sample_dpm_adaptive,

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from diffusion.images import taesd
-from diffusion.models.errors import ModelFileError
 from diffusion.images.latent_preview import make_previewer
+from diffusion.models.errors import ModelFileError
 
 C = 16          # channels of the test decoder (the real files have 64)
 LEVELS = ((1, 3), (7, 3), (12, 3), (17, 1))   # original index of each level's conv and its block count

@@ -11,7 +11,6 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from diffusion.loaders.checkpoint import load_checkpoint
 from diffusion.demo.checkpoint import (
     TinyComponents,
     ensure_demo_checkpoint,
@@ -19,9 +18,10 @@ from diffusion.demo.checkpoint import (
     tiny_components,
     write_ldm_checkpoint,
 )
+from diffusion.loaders.checkpoint import load_checkpoint
 from diffusion.models.devices import DeviceConfig, use_config
-from diffusion.models.errors import ModelFileError
 from diffusion.models.diffusion_model import DiffusionModel
+from diffusion.models.errors import ModelFileError
 from diffusion.models.vae import VAE
 from nodes.builtin.loaders import CheckpointLoaderSimple, VAELoader
 from nodes.folders import ModelFolders, use_folders

@@ -7,14 +7,14 @@ import torch
 from diffusers import UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-from diffusion.models.convert.clip import clip_config, clip_l_to_ldm, openclip_to_ldm
-from diffusion.models.convert.unet import unet_config_from_ldm, unet_to_ldm
 from diffusion.demo.checkpoint import (
     SD15_UNET_CONFIG,
     SDXL_UNET_CONFIG,
     ldm_state_dict,
     tiny_components,
 )
+from diffusion.models.convert.clip import clip_config, clip_l_to_ldm, openclip_to_ldm
+from diffusion.models.convert.unet import unet_config_from_ldm, unet_to_ldm
 from diffusion.models.detect import ModelFamily, detect_family, family
 from diffusion.models.errors import ModelFileError
 

@@ -10,6 +10,15 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from diffusion.demo.checkpoint import tiny_components
+from diffusion.models.errors import ModelFileError
+from diffusion.models.tokenizer import BOS, EOS, CLIPTokenizer
+from diffusion.patches.embeddings import (
+    Embedding,
+    find_embedding,
+    list_embeddings,
+    load_embedding,
+)
 from diffusion.prompts.a1111.chunks import (
     EmbeddingIndex,
     a1111_layout,
@@ -18,15 +27,6 @@ from diffusion.prompts.a1111.chunks import (
 )
 from diffusion.prompts.a1111.syntax import parse_prompt_attention
 from diffusion.prompts.clip import CLIP
-from diffusion.demo.checkpoint import tiny_components
-from diffusion.patches.embeddings import (
-    Embedding,
-    find_embedding,
-    list_embeddings,
-    load_embedding,
-)
-from diffusion.models.errors import ModelFileError
-from diffusion.models.tokenizer import BOS, EOS, CLIPTokenizer
 
 torch.set_num_threads(2)
 TOK = CLIPTokenizer()

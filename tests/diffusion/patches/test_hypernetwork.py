@@ -11,6 +11,7 @@ import torch
 
 from diffusion.demo.checkpoint import tiny_components
 from diffusion.demo.extras import hypernetwork_file, write_hypernetwork
+from diffusion.models.diffusion_model import DiffusionModel
 from diffusion.models.errors import ModelFileError
 from diffusion.patches.hypernetwork import (
     ACTIVATIONS,
@@ -20,7 +21,6 @@ from diffusion.patches.hypernetwork import (
     dropout_structure_for,
     load_hypernetwork,
 )
-from diffusion.models.diffusion_model import DiffusionModel
 from diffusion.patches.patcher import ModelPatcher
 
 torch.set_num_threads(2)

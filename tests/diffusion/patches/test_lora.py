@@ -10,12 +10,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from diffusion.prompts.clip import CLIP
 from diffusion.demo.checkpoint import tiny_components
+from diffusion.models.diffusion_model import DiffusionModel
 from diffusion.models.errors import ModelFileError
 from diffusion.patches.lora.load import load_lora
-from diffusion.models.diffusion_model import DiffusionModel
 from diffusion.patches.patcher import ModelPatcher
+from diffusion.prompts.clip import CLIP
 
 torch.set_num_threads(2)
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")

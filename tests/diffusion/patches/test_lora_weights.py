@@ -9,9 +9,9 @@ import torch
 from safetensors.torch import save_file
 
 from diffusion.demo.checkpoint import tiny_components
+from diffusion.models.diffusion_model import DiffusionModel
 from diffusion.patches.lora.load import load_lora
 from diffusion.patches.lora.weights import IA3, LoHa, LoKr, LoRA, dora_weight, fit_delta, lora_delta
-from diffusion.models.diffusion_model import DiffusionModel
 from diffusion.patches.patcher import ModelPatcher
 
 LIN = "down_blocks.0.attentions.0.transformer_blocks.0.ff.net.0.proj"      # Linear [256, 32]

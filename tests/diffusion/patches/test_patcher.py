@@ -6,10 +6,10 @@ import random
 import pytest
 import torch
 
-from diffusion.patches import weight_patch as patcher_mod
 from diffusion.demo.checkpoint import tiny_components
-from diffusion.patches.lora.weights import LoHa, LoRA
 from diffusion.models.diffusion_model import DiffusionModel
+from diffusion.patches import weight_patch as patcher_mod
+from diffusion.patches.lora.weights import LoHa, LoRA
 from diffusion.patches.patcher import DELTA_CACHE, ModelPatcher, WeightPatch
 from tests.diffusion.patches._weights import bit_equal, snapshot
 

@@ -10,6 +10,7 @@ import math
 
 import pytest
 
+from diffusion.prompts.a1111.schedule import prompt_schedule
 from diffusion.prompts.a1111.syntax import (
     BREAK_MARKER,
     ExtraNetworkTag,
@@ -22,7 +23,6 @@ from diffusion.prompts.a1111.syntax import (
     split_and,
     strip_extra_networks,
 )
-from diffusion.prompts.a1111.schedule import prompt_schedule
 
 B = BREAK_MARKER
 
@@ -223,8 +223,8 @@ def test_table_size() -> None:
 
 
 # --- chunks (prompts.md §10.4, SD1 tokenizer; counts exclude BOS/EOS/padding) ----------------
-from diffusion.prompts.a1111.chunks import a1111_layout, materialise
 from diffusion.models.tokenizer import CLIPTokenizer
+from diffusion.prompts.a1111.chunks import a1111_layout, materialise
 
 _TOK = CLIPTokenizer()
 CHUNKS = [

@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from diffusion.prompts.clip import CLIP, apply_weights
 from diffusion.demo.checkpoint import tiny_components
 from diffusion.models.tokenizer import BOS, EOS, CLIPTokenizer
+from diffusion.prompts.clip import CLIP, apply_weights
 
 torch.set_num_threads(2)
 
@@ -265,8 +265,8 @@ def test_bad_inputs(sd1: CLIP) -> None:
 
 @pytest.mark.parametrize("family", ["sd2", "sdxl"])
 def test_clip_from_a_loaded_checkpoint_encodes_like_the_original(family: str, tmp_path) -> None:
-    from diffusion.loaders.checkpoint import load_checkpoint
     from diffusion.demo.checkpoint import write_ldm_checkpoint
+    from diffusion.loaders.checkpoint import load_checkpoint
 
     comps = tiny_components(family, seed=4)
     write_ldm_checkpoint(comps, tmp_path / "m.safetensors")

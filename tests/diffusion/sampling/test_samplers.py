@@ -9,8 +9,8 @@ from collections.abc import Callable, Iterator
 import pytest
 import torch
 
-from diffusion.sampling.samplers import registry as S
 from diffusion.sampling import schedules as sch
+from diffusion.sampling.samplers import registry as S
 from tests.diffusion.sampling._kdiffusion import load
 
 SIGMA_MAX = 14.614641229333639
