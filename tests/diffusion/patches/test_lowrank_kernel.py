@@ -1,7 +1,10 @@
 """The fused low-rank CPU kernel (diffusion/patches/lowrank_add.c via diffusion.patches.lowrank_kernel):
 values against a float64 reference over awkward shapes and every dtype, determinism across
 threads and store kinds, argument checks, path independence through ModelPatcher, the torch
-fallback when the kernel is disabled or cannot be built, and the C source built for other -march."""
+fallback (fp32 / bf16 / fp16 weights against a hand computation, bitwise unpatch) when the kernel is
+disabled, when no C compiler is on PATH (Windows; macOS without even the cc shim), when the compiler
+fails (e.g. macOS's cc shim without the Xcode tools), and on a CPU whose build has no AVX (what aarch64 /
+arm64 builds look like), and the C source built for other -march."""
 from __future__ import annotations
 
 import ctypes
@@ -27,6 +30,7 @@ COMPILER = next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
 ROWS = (1, 2, 3, 4, 5, 6, 7, 33)        # below / at / between the row tiles (RT = 5 or 3)
 COLS = (1, 5, 16, 17, 48, 64, 80, 100, 64 * 3 + 17, 1280)   # tail only, one vector, NV tiles + vector + tail
 RANKS = (1, 3, 16, 40)
+X86 = platform.machine().lower() in ("x86_64", "amd64")
 
 needs_kernel = pytest.mark.skipif(not lowrank_kernel.available(),
                                   reason=f"kernel unavailable: {lowrank_kernel.unavailable_reason()}")
@@ -356,57 +360,153 @@ def test_strength_change_equals_fresh_patch_bitwise(dtype):
 
 
 FALLBACK_SCRIPT = r"""
-import json, torch
+import json
+import torch
 from diffusion.patches import lowrank_kernel
 from diffusion.patches.lora.weights import LoRA
 from diffusion.patches.patcher import ModelPatcher
+
+U32 = 2.0 ** -24
+RANK, ALPHA = 4, 2.0
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def lora(shape: tuple[int, ...], seed: int) -> LoRA:
+    g = torch.Generator().manual_seed(seed)
+    up = torch.randn(shape[0], RANK, generator=g)
+    down = torch.randn(RANK, int(torch.Size(shape[1:]).numel()), generator=g) * 0.1
+    if len(shape) == 4:                         # LoCon: up [out, r, 1, 1], down [r, in, kh, kw]
+        return LoRA(up=up.reshape(shape[0], RANK, 1, 1), down=down.reshape(RANK, *shape[1:]), alpha=ALPHA)
+    return LoRA(up=up, down=down, alpha=ALPHA)
+
+
+def by_hand(w0: torch.Tensor, ad: LoRA, strength: float) -> tuple[torch.Tensor, torch.Tensor]:
+    # W0 + strength * alpha / rank * up @ down in float64, and the error bound of an fp32 evaluation
+    # rounded once to the weight's dtype: one ulp of the dtype (eps |ref|, or a subnormal step) plus
+    # the fp32 accumulation error ((rank + 4) u (|W0| + |c| |up| @ |down|))
+    rows = w0.shape[0]
+    up, down = ad.up.double().reshape(rows, RANK), ad.down.double().reshape(RANK, -1)
+    c = strength * ALPHA / RANK
+    w = w0.double().reshape(rows, -1)
+    ref = w + c * (up @ down)
+    fi = torch.finfo(w0.dtype)
+    bound = fi.eps * ref.abs() + fi.tiny * fi.eps + (RANK + 4) * U32 * (w.abs() + abs(c) * (up.abs() @ down.abs()))
+    return ref.reshape(w0.shape), bound.reshape(w0.shape)
+
+
 out = {"available": lowrank_kernel.available(), "reason": lowrank_kernel.unavailable_reason(),
-       "supports": lowrank_kernel.supports(torch.zeros(4, 4))}
-torch.manual_seed(0)
-m = torch.nn.Sequential(torch.nn.Linear(100, 37))
-w0 = m[0].weight.detach().clone()
-g = torch.Generator().manual_seed(1)
-ad = LoRA(up=torch.randn(37, 4, generator=g), down=torch.randn(4, 100, generator=g) * 0.1, alpha=2.0)
-p = ModelPatcher(m, "cpu", "cpu")
-p.add_patches({"0.weight": ad}, 0.7, "x")
-p.patch_model()
-want = w0.double() + 0.7 * 0.5 * (ad.up.double() @ ad.down.double())
-out["err"] = (m[0].weight.detach().double() - want).abs().max().item()
-out["moved"] = (want - w0.double()).abs().max().item()
-p.unpatch_model()
-out["restored"] = bool(torch.equal(m[0].weight.detach(), w0))
+       "supports": {n: lowrank_kernel.supports(torch.zeros(4, 4, dtype=dt)) for n, dt in DTYPES.items()},
+       "dtypes": {}}
+for name, dt in DTYPES.items():
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(100, 37), torch.nn.Conv2d(4, 8, 3)).to(dt)
+    w0 = {k: v.detach().clone() for k, v in m.state_dict().items()}
+    ads = {k: lora(tuple(v.shape), i) for i, (k, v) in enumerate(w0.items()) if k.endswith("weight")}
+    p = ModelPatcher(m, "cpu", "cpu")
+    res = {}
+    # a first patch, then a strength change re-patching the patched model
+    for step, strength in (("patch", 0.7), ("re-patch", -1.3)):
+        q = p.clone()
+        q.add_patches(ads, strength, "x")
+        q.patch_model()
+        sd = m.state_dict()
+        worst, unpatched = 0.0, 0.0
+        for k, ad in ads.items():
+            ref, bound = by_hand(w0[k], ad, strength)
+            assert sd[k].dtype == dt and sd[k].shape == w0[k].shape, k
+            worst = max(worst, ((sd[k].double() - ref).abs() / bound).max().item())
+            # share of the original values the check would pass: it must tell patched from unpatched
+            unpatched = max(unpatched, ((w0[k].double() - ref).abs() <= bound).double().mean().item())
+        res[step] = {"worst": worst, "unpatched_pass": unpatched}
+    q.unpatch_model()
+    sd = m.state_dict()
+    res["restored"] = all(torch.equal(sd[k], v) and sd[k].dtype == v.dtype for k, v in w0.items())
+    out["dtypes"][name] = res
 print("RESULT " + json.dumps(out))
 """
 
 
 def run_fallback(env_overrides: dict[str, str]) -> dict:
+    """FALLBACK_SCRIPT in a fresh interpreter (the module decides once per process), run from the
+    repository root with `CC`, `EASEL_NATIVE_KERNEL` and `EASEL_KERNEL_CACHE` cleared, then `env_overrides`."""
     env = {k: v for k, v in os.environ.items() if k not in ("CC", "EASEL_NATIVE_KERNEL", "EASEL_KERNEL_CACHE")}
     env.update(env_overrides)
     res = subprocess.run([sys.executable, "-c", FALLBACK_SCRIPT], env=env, capture_output=True, text=True, check=False,
-                         timeout=120, cwd=Path(__file__).resolve().parents[3])
+                         timeout=180, cwd=Path(__file__).resolve().parents[3])
     assert res.returncode == 0, res.stderr[-2000:]
     line = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")][-1]
     return json.loads(line[len("RESULT "):])
 
 
-def check_fallback_patch(out: dict) -> None:
-    assert out["moved"] > 0.01                 # the patch changes the weight...
-    assert out["err"] <= 1e-6                  # ...to W0 + c up @ down (torch path)
-    assert out["restored"]
+def check_patched_weights(out: dict) -> None:
+    """Every dtype's Linear and conv weights, after a patch and after a strength change, within one
+    ulp of the weight dtype of W0 + c up @ down computed by hand; bitwise W0 after unpatch."""
+    assert set(out["dtypes"]) == {"fp32", "bf16", "fp16"}
+    for name, res in out["dtypes"].items():
+        for step in ("patch", "re-patch"):
+            assert res[step]["worst"] <= 1.0, f"{name} {step}: error {res[step]['worst']:.3g}x the bound"
+            assert res[step]["unpatched_pass"] < 0.05, f"{name} {step}: the weights barely moved"
+        assert res["restored"], f"{name}: unpatch did not restore the weights bitwise"
 
 
-def test_fallback_when_disabled_by_environment():
+def check_torch_path(out: dict) -> None:
+    assert out["available"] is False, out
+    assert not any(out["supports"].values()), out
+    check_patched_weights(out)
+
+
+def test_fallback_when_disabled_by_environment() -> None:
     out = run_fallback({"EASEL_NATIVE_KERNEL": "0"})
-    assert out["available"] is False and out["supports"] is False
     assert "EASEL_NATIVE_KERNEL" in out["reason"]
-    check_fallback_patch(out)
+    check_torch_path(out)
 
 
-def test_unusable_cache_directory_falls_back_to_the_temp_directory(tmp_path):
+def test_fallback_without_a_compiler_on_path(tmp_path: Path) -> None:
+    # Windows (or any machine without one): no $CC and no cc / gcc / clang on PATH (PATH holds only
+    # the Python executable). macOS without the Xcode tools still has the /usr/bin/cc shim, which
+    # fails when run: that is test_fallback_when_the_compiler_fails
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / Path(sys.executable).name).symlink_to(sys.executable)
+    for name in ("cc", "gcc", "clang"):
+        assert shutil.which(name, path=str(bin_dir)) is None
+    cache = tmp_path / "cache"
+    out = run_fallback({"PATH": str(bin_dir), "EASEL_KERNEL_CACHE": str(cache)})
+    assert out["available"] is False and out["reason"], out
+    assert "no C compiler" in out["reason"] and "$CC" in out["reason"], out["reason"]
+    check_torch_path(out)
+    assert not cache.exists()                                  # nothing was built or cached
+
+
+def test_fallback_on_a_cpu_without_avx(tmp_path: Path) -> None:
+    # Linux aarch64, macOS arm64 and SSE-only x86 CPUs: where the source builds there (GCC / clang
+    # vector extensions) it has 4-float vectors, and the module refuses such a build
+    # (lr_vector_width() < 8); platform.machine() is not consulted (it only enters the cache key).
+    # Reproduced with the real compiler told the CPU has no AVX (a build that fails instead:
+    # test_fallback_when_the_compiler_fails).
+    gcc = shutil.which("gcc")
+    if not X86 or gcc is None:
+        pytest.skip("needs gcc on x86-64 (-mno-avx)")
+    cc = tmp_path / "cc-no-avx"
+    cc.write_text(f'#!/bin/sh\nexec "{gcc}" "$@" -mno-avx\n')
+    cc.chmod(0o755)
+    cache = tmp_path / "cache"
+    out = run_fallback({"CC": str(cc), "EASEL_KERNEL_CACHE": str(cache)})
+    assert out["available"] is False and out["reason"], out
+    assert "x86-64 CPUs with AVX" in out["reason"], out["reason"]
+    check_torch_path(out)
+    built = list(cache.glob("lowrank_add-*.so"))               # it was built, then refused
+    assert len(built) == 1, list(cache.iterdir()) if cache.exists() else "no cache"
+    lib = ctypes.CDLL(str(built[0]))
+    assert lib.lr_vector_width() == 4 and lib.lr_abi() == ctypes.sizeof(_Job)
+
+
+def test_unusable_cache_directory_falls_back_to_the_temp_directory(tmp_path: Path) -> None:
     blocker = tmp_path / "not-a-directory"
     blocker.write_text("x")
     out = run_fallback({"EASEL_KERNEL_CACHE": str(blocker / "kernels")})
     assert out["available"] is True and out["reason"] is None, out
+    check_patched_weights(out)                                 # the kernel's weights pass the same check
 
 
 def test_cache_key_names_the_instruction_set():
@@ -416,16 +516,15 @@ def test_cache_key_names_the_instruction_set():
     assert "flags" in cpu or "Features" in cpu, cpu
 
 
-def test_fallback_when_the_compiler_fails(tmp_path):
+def test_fallback_when_the_compiler_fails(tmp_path: Path) -> None:
     cc = tmp_path / "broken-cc"
     cc.write_text("#!/bin/sh\necho 'broken-cc: cannot compile' >&2\nexit 1\n")
     cc.chmod(0o755)
     cache = tmp_path / "cache"
     out = run_fallback({"CC": str(cc), "EASEL_KERNEL_CACHE": str(cache)})
-    assert out["available"] is False and out["supports"] is False
     assert "failed" in out["reason"] and str(cc) in out["reason"]
     assert "cannot compile" in out["reason"]                  # the compiler's message is kept
-    check_fallback_patch(out)
+    check_torch_path(out)
     assert not list(cache.glob("*.so")) and not list(cache.glob("*.dylib"))   # nothing half-built left
 
 
@@ -433,7 +532,6 @@ def test_fallback_when_the_compiler_fails(tmp_path):
 # 8. the C source built for other instruction sets
 
 
-X86 = platform.machine().lower() in ("x86_64", "amd64")
 MARCHES = ("x86-64", "haswell", "native")
 
 
