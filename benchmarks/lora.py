@@ -22,6 +22,8 @@ weight (a re-patch that keeps full deltas).
 
 --dtype auto: the dtypes Easel itself picks on this machine's CPU (diffusion.models.devices: UNet bf16 where
 the CPU has native bf16, else fp32; text encoder fp32).
+EASEL_NATIVE_KERNEL=0 in the environment: everything through the torch path, as on a machine without
+a C compiler or without AVX (the in-process torch reference then has no kernel to compare with).
 """
 from __future__ import annotations
 
