@@ -11,16 +11,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def imported_modules(package: str) -> dict[str, set[str]]:
-    out: dict[str, set[str]] = {}
-    for path in (ROOT / package).rglob("*.py"):
-        names: set[str] = set()
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            if isinstance(node, ast.Import):
-                names.update(alias.name.split(".")[0] for alias in node.names)
-            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                names.add(node.module.split(".")[0])
-        out[str(path.relative_to(ROOT))] = names
-    return out
+    """file -> the top-level names it imports (see full_imports)."""
+    return {str(path.relative_to(ROOT)): {name.split(".")[0] for name in full_imports(path)}
+            for path in (ROOT / package).rglob("*.py")}
 
 
 def offenders(package: str, forbidden: set[str]) -> dict[str, set[str]]:

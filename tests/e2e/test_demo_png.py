@@ -44,9 +44,8 @@ def cpu_model() -> str:
 
 
 def unet_dtype() -> str:
-    code = "from diffusion.models import devices; print(devices.unet_dtype(devices.DeviceConfig()))"
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
-    return out.stdout.strip()
+    from diffusion.models import devices
+    return str(devices.unet_dtype(devices.DeviceConfig()))
 
 
 def test_txt2img_demo_png_is_pinned(tmp_path: Path) -> None:
